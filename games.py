@@ -441,11 +441,18 @@ def _table(game, seed):
     return P, log_mu, z, torch.Generator().manual_seed(seed)
 
 
+def sgd_step(z, loss, lr):
+    """Plain SGD, z ← z − lr ∇loss (torch.optim.SGD without momentum; written out, since importing torch.optim
+    pulls in torch._dynamo and costs ~2 s of start-up, more than the whole smoke run)."""
+    (g,) = torch.autograd.grad(loss, z)
+    with torch.no_grad():
+        z -= lr * g
+
+
 def sampled_inpo(game, tau, eta, iters, steps, batch, lr, eps=0.0, seed=0):
     """INPO: per iteration freeze π_t, then `steps` SGD steps on nano_nash.inpo_loss with y, y' ~ π_t.
     Returns the (iters+1, n) trajectory and ‖π_{t+1} − OMD(π_t)‖_1 per iteration (sampled vs closed form)."""
     P, log_mu, z, gen = _table(game, seed)
-    opt = torch.optim.SGD([z], lr=lr)
     traj, dev = [game.mu], []
     for _ in range(iters):
         logp_prev = torch.log_softmax(z.detach(), 0)               # (n,) frozen π_t
@@ -456,9 +463,7 @@ def sampled_inpo(game, tau, eta, iters, steps, batch, lr, eps=0.0, seed=0):
             logp = torch.log_softmax(z, 0)
             loss, _ = nano_nash.inpo_loss(logp[yw], logp[yl], logp_prev[yw], logp_prev[yl], log_mu[yw], log_mu[yl],
                                           tau=tau, eta=eta)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            sgd_step(z, loss, lr)
         pi = torch.softmax(z.detach(), 0).numpy()
         dev.append(np.abs(pi - omd_step(game.P, game.mu, traj[-1], 1 / eta, tau)).sum())
         traj.append(pi)
@@ -468,7 +473,6 @@ def sampled_inpo(game, tau, eta, iters, steps, batch, lr, eps=0.0, seed=0):
 def sampled_nash_md_pg(game, tau, beta, iters, batch, lr, eps=0.0, seed=0):
     """Nash-MD-PG: y ~ π, y' ~ π^{1−β} μ^β, one SGD step on nano_nash.nash_md_pg_loss per batch."""
     P, log_mu, z, gen = _table(game, seed)
-    opt = torch.optim.SGD([z], lr=lr)
     traj = [game.mu]
     for _ in range(iters):
         logp = torch.log_softmax(z, 0)
@@ -476,9 +480,7 @@ def sampled_nash_md_pg(game, tau, beta, iters, batch, lr, eps=0.0, seed=0):
         y = torch.multinomial(logp.detach().exp(), batch, True, generator=gen)
         y2 = torch.multinomial(mix, batch, True, generator=gen)
         loss, _ = nano_nash.nash_md_pg_loss(logp[y], log_mu[y], judge(P, y, y2, gen, eps).double(), tau=tau)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        sgd_step(z, loss, lr)
         traj.append(torch.softmax(z.detach(), 0).numpy())
     return np.array(traj)
 
@@ -487,7 +489,6 @@ def sampled_lana(game, iters, batch, lr, printed_sign=False, eps=0.0, seed=0):
     """LANA: y, y' ~ π_i, the judge names the winner, one SGD step on nano_nash.lana_loss. With an oracle judge and
     the opponent term detached, player −i never touches player i's gradient, so one table plays both roles."""
     P, log_mu, z, gen = _table(game, seed)
-    opt = torch.optim.SGD([z], lr=lr)
     traj = [game.mu]
     for _ in range(iters):
         logp = torch.log_softmax(z, 0)
@@ -495,9 +496,7 @@ def sampled_lana(game, iters, batch, lr, printed_sign=False, eps=0.0, seed=0):
         win = judge(P, y, y2, gen, eps)
         yw, yl = torch.where(win, y, y2), torch.where(win, y2, y)
         loss, _ = nano_nash.lana_loss(logp.detach()[yw], logp[yl], printed_sign=printed_sign)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        sgd_step(z, loss, lr)
         traj.append(torch.softmax(z.detach(), 0).numpy())
     return np.array(traj)
 
