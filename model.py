@@ -89,6 +89,7 @@ class LoRALinear(nn.Linear):
         self.active = None                    # name of the adapter in use, None = the base weights
         self.merged = None                    # name of the adapter folded into `weight`, if any
         self.row_masks = None                 # {name: (B, 1, 1) 0/1} for per-row adapters (see GPT.forward)
+        self.row_lora = None                  # the same as (A_cat, B_cat, gate): all adapters in two matmuls
 
     def delta(self, x, name):
         A, B = self.lora_A[name], self.lora_B[name]
@@ -99,7 +100,10 @@ class LoRALinear(nn.Linear):
     def forward(self, x):
         y = F.linear(x, self.weight)
         if self.row_masks is not None:        # per-row adapters: each row gets its own Δ (others times 0)
-            for name, m in self.row_masks.items():
+            if self.row_lora is not None:     # Σ_n gate_n · (x A_nᵀ) B_nᵀ, gate_n = scale_n · [row uses n]
+                A, B, gate = self.row_lora    # (R, in), (out, R), (B, 1, R); R = Σ_n r_n
+                return y + F.linear(F.linear(x.to(A.dtype), A) * gate, B).to(x.dtype)
+            for name, m in self.row_masks.items():     # LoRA dropout on: one adapter at a time
                 if name in self.lora_A:
                     y = y + m * self.delta(x, name)
         elif self.active != self.merged:
@@ -337,22 +341,32 @@ class GPT(nn.Module):
 
     @contextmanager
     def per_row_adapters(self, adapter_ids, dtype):
-        """adapter_ids (B,): row b uses adapter_names[adapter_ids[b]], -1 = base. Cost: every adapter's Δ on
-        every row (LoRA is cheap next to the base matmul), masked per row. No-op when adapter_ids is None."""
+        """adapter_ids (B,): row b uses adapter_names[adapter_ids[b]], -1 = base. Cost: every used adapter's Δ on
+        every row (LoRA is cheap next to the base matmul), masked per row: the adapters' A and B are stacked so
+        that all of them cost two matmuls per layer, x [A_1; A_2]ᵀ · gate · [B_1 B_2]ᵀ (gate: (B, 1, R), each
+        row's own scale on its adapter's r columns, 0 elsewhere). No-op when adapter_ids is None."""
         if adapter_ids is None:
             yield
             return
-        masks = {n: (adapter_ids == i).to(dtype)[:, None, None] for i, n in enumerate(self.adapter_names)}
+        present = set(adapter_ids.tolist())     # adapters no row uses cost nothing (one host sync per call)
+        masks = {n: (adapter_ids == i).to(dtype)[:, None, None] for i, n in enumerate(self.adapter_names)
+                 if i in present}
         mods = [m for _, m in self.lora_modules()]
         if any(m.merged for m in mods):
             raise RuntimeError("per-row adapters need unmerged weights: unmerge_adapter() first")
         for m in mods:
             m.row_masks = masks
+            names = [n for n in masks if n in m.lora_A]
+            if names and not (m.training and any(m.dropout[n] > 0 for n in names)):
+                A = [m.lora_A[n] for n in names]
+                gate = torch.cat([(masks[n] * m.scale[n]).to(a.dtype).expand(-1, -1, a.shape[0])
+                                  for n, a in zip(names, A)], -1)                       # (B, 1, R)
+                m.row_lora = (torch.cat(A), torch.cat([m.lora_B[n] for n in names], 1), gate)
         try:
             yield
         finally:
             for m in mods:
-                m.row_masks = None
+                m.row_masks = m.row_lora = None
 
     def adapter_parameters(self, name=None) -> list:
         """The trainable A, B tensors of adapter `name` (all adapters when None), in a fixed order."""
@@ -590,7 +604,7 @@ def next_token_logits(lp, lq, mix_beta, allowed_bias):
     """The sampler's next-token logits (up to a constant per row), before temperature.
         mixture:   (1-β) log π(y) + β log μ(y)    π = policy (lp), μ = mix adapter (lq); β = 0: just lp
         allowed:   -inf outside allowed_tokens (the constrained softmax renormalises over the allowed ids)."""
-    if mix_beta > 0:
+    if lq is not None:                     # mix_beta: a float, or (B, 1) for one β per row
         lp = (1 - mix_beta) * lp.float().log_softmax(-1) + mix_beta * lq.float().log_softmax(-1)
     return lp if allowed_bias is None else lp + allowed_bias
 
@@ -599,8 +613,11 @@ def next_token_logits(lp, lq, mix_beta, allowed_bias):
 def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, stop_tokens=(), pad_id=0,
              generator=None, adapter=..., mix_adapter=None, mix_beta=0.0, allowed_tokens=None):
     """Batched KV-cached sampling. prompts: list of token lists (different lengths: left-padded).
-    adapter: adapter to sample from (... = the active one; None = base). With mix_beta > 0 tokens come from the
-    geometric mixture π^(1-β) μ^β of `adapter` and `mix_adapter` (None = base), each with its own KV cache.
+    adapter: adapter to sample from (... = the active one; None = base), or a list with one per prompt.
+    With mix_beta > 0 tokens come from the geometric mixture π^(1-β) μ^β of `adapter` and `mix_adapter`
+    (None = base); mix_beta may also be a list with one β per prompt (0 = that row samples π alone).
+    Every row, and the μ copy of every mixed row, runs in ONE forward pass per token with its own KV-cache row
+    (per-row adapters, GPT.per_row_adapters): on a small model the weights are read once for all of them.
     Returns tokens, attn_mask, resp_mask, all (B, Tp + max_new_tokens): attn_mask is 0 on left padding and after
     a row stopped; resp_mask is 1 on generated tokens including the stop token. Finished rows hold pad_id."""
     B, Tp, N = len(prompts), max(len(p) for p in prompts), max_new_tokens
@@ -614,8 +631,16 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, stop
         attn[b, Tp - len(p):Tp] = True
     resp = torch.zeros_like(attn)
     policy = model.active_adapter if adapter is ... else adapter
-    mixing = mix_beta > 0
-    caches = [KVCache(model.config, B, Tp + N, device, dtype) for _ in range(1 + mixing)]
+    names = list(policy) if isinstance(policy, (list, tuple)) else [policy] * B     # adapter of each row
+    betas = [float(b) for b in mix_beta] if isinstance(mix_beta, (list, tuple)) else [float(mix_beta)] * B
+    if len(names) != B or len(betas) != B:
+        raise ValueError(f"adapter and mix_beta lists need one entry per prompt ({B}), got {len(names)}, {len(betas)}")
+    mixed = [b for b in range(B) if betas[b] > 0]          # rows whose μ copy runs as an extra row b' = B + j
+    names += [mix_adapter] * len(mixed)
+    mix_rows = torch.tensor(mixed, dtype=torch.long, device=device)
+    beta = betas[mixed[0]] if mixed and len({betas[b] for b in mixed}) == 1 else \
+        torch.tensor([betas[b] for b in mixed], device=device)[:, None]               # scalar, or (M, 1)
+    cache = KVCache(model.config, len(names), Tp + N, device, dtype)
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=device)
     allowed_bias = None
     if allowed_tokens is not None:         # built once, added to every step's logits
@@ -624,29 +649,38 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, stop
     done = torch.zeros(B, dtype=torch.bool, device=device)
 
     def step(x, mask):                     # (B, T) -> next-token logits (B, V)
-        with model.adapter(policy):
-            lp = model(x, caches[0], mask, last_only=True)[:, -1]
-        lq = None
-        if mixing:
-            with model.adapter(mix_adapter):
-                lq = model(x, caches[1], mask, last_only=True)[:, -1]
-        return next_token_logits(lp, lq, mix_beta, allowed_bias)
+        if mixed:                          # the μ rows see the same tokens as the rows they mix with
+            x = torch.cat((x, x[mix_rows]))
+            mask = None if mask is None else torch.cat((mask, mask[mix_rows]))
+        logits = model(x, cache, mask, last_only=True)[:, -1]         # (B + M, V)
+        lp = logits[:B]
+        if not mixed:
+            return next_token_logits(lp, None, 0.0, allowed_bias)
+        if len(mixed) == B:
+            return next_token_logits(lp, logits[B:], beta, allowed_bias)
+        out = next_token_logits(lp.float(), None, 0.0, allowed_bias)
+        out[mix_rows] = next_token_logits(lp[mix_rows], logits[B:], beta, allowed_bias)
+        return out
 
+    one = names[0] if len(set(names)) == 1 else ...                   # one adapter for every row: no masks
+    ids = None if one is not ... else torch.tensor(
+        [-1 if n is None else model.adapter_names.index(n) for n in names], device=device)
     was_training = model.training
     model.eval()                           # no LoRA dropout while sampling
     try:
-        logits = step(tokens[:, :Tp], attn[:, :Tp])                    # prefill
-        for i in range(N):
-            nxt = sample_next(logits, temperature, top_p, generator)    # (B,)
-            nxt = nxt.masked_fill(done, pad_id)
-            tokens[:, Tp + i] = nxt
-            attn[:, Tp + i] = resp[:, Tp + i] = ~done
-            if len(stop):
-                done = done | torch.isin(nxt, stop)
-                if bool(done.all()):       # the only host sync per step
-                    break
-            if i + 1 < N:
-                logits = step(nxt[:, None], None)                      # decode one token, mask from the cache
+        with model.adapter(None if one is ... else one), model.per_row_adapters(ids, dtype):
+            logits = step(tokens[:, :Tp], attn[:, :Tp])                # prefill
+            for i in range(N):
+                nxt = sample_next(logits, temperature, top_p, generator)    # (B,)
+                nxt = nxt.masked_fill(done, pad_id)
+                tokens[:, Tp + i] = nxt
+                attn[:, Tp + i] = resp[:, Tp + i] = ~done
+                if len(stop):
+                    done = done | torch.isin(nxt, stop)
+                    if bool(done.all()):   # the only host sync per step
+                        break
+                if i + 1 < N:
+                    logits = step(nxt[:, None], None)                  # decode one token, mask from the cache
     finally:
         model.train(was_training)
     return tokens, attn.long(), resp.long()
