@@ -12,7 +12,8 @@ trl is imported only when present (bench_trl.py), else its rows are skipped with
 
 Training steps run train_lm.py's own step functions (STEP[algo]) plus the optimizer step that train() does, on a
 Task built here: the same tiny Phi-3 as TRL's side (bench_trl.phi3_config), LoRA adapters, batch 4, 14-token
-prompts, exactly T new tokens (stop ids off), the model judging itself. The profile splits each step into
+prompts, exactly T new tokens (stop ids off), the model judging itself; same shapes as TRL's side but not the
+same random weights, and always the wall clock (TRL's timer is). The profile splits each step into
 generation (train_lm.sample), judging (train_lm.judge), log-prob forwards (train_lm.logprobs) and the rest
 (loss, backward, optimizer), by timing those functions in place.
 """
@@ -370,7 +371,8 @@ if __name__ == "__main__":
     ap.add_argument("--only", nargs="+", help="run only benchmarks whose function name contains one of these "
                                               "(forward, generate, steps)")
     ap.add_argument("--load-rss", action="store_true", help="also measure peak RSS while loading a ~1 GB checkpoint")
-    ap.add_argument("--new-tokens", type=int, default=None, help=f"generation benchmark (default {BenchConfig.new_tokens})")
+    ap.add_argument("--new-tokens", type=int, default=None,
+                    help=f"new tokens of the generation benchmark (default {BenchConfig.new_tokens})")
     ap.add_argument("--step-tokens", type=int, nargs="+", default=None,
                     help=f"new tokens of the training-step benchmarks (default {BenchConfig.step_tokens[0]}; "
                          "128 is the real run's length: TRL then takes minutes)")

@@ -394,3 +394,21 @@ def test_stories260k_reproduces_published_sample(tmp_path):
     n = min(len(text), len(published.rstrip()))
     assert n > 300, "the published sample is ~330 characters; generate at least that many"
     assert text[:n] == published[:n], f"got:\n{text}\nwant:\n{published[:n]}"
+
+
+def test_per_row_adapters_and_mixtures_equal_separate_calls(fresh):
+    """One generate call with an adapter (and a mixture β) per row equals separate calls, one per setting:
+    the batched path of LANA's two players and Nash-MD-PG's (y, y') pair samples what the plain path samples."""
+    for name, seed in (("a", 1), ("b", 2)):
+        fresh.add_adapter(name, r=4, alpha=8)
+        randomize(fresh, name, seed=seed, scale=0.3)
+    prompts = [[1, 5, 9, 33], [1, 7], [1, 2, 3, 4, 5, 6], [1, 90]]
+    kw = dict(max_new_tokens=12, temperature=0.0)
+    ga, gb, g0 = (generate(fresh, prompts, adapter=a, **kw)[0] for a in ("a", "b", None))
+    rows = generate(fresh, prompts + prompts, adapter=["a", "b", None, "a", "b", None, "a", "b"], **kw)[0]
+    assert torch.equal(rows, torch.stack([ga[0], gb[1], g0[2], ga[3], gb[0], g0[1], ga[2], gb[3]]))
+    assert not torch.equal(ga, gb)                       # the adapters really differ
+    mix4, mix2 = (generate(fresh, prompts, adapter="a", mix_adapter=None, mix_beta=b, **kw)[0] for b in (0.4, 0.2))
+    rows = generate(fresh, prompts + prompts, adapter=["a"] * 8, mix_adapter=None,
+                    mix_beta=[0.4, 0, 0.4, 0, 0.2, 0.4, 0.4, 0], **kw)[0]
+    assert torch.equal(rows, torch.stack([mix4[0], ga[1], mix4[2], ga[3], mix2[0], mix4[1], mix4[2], ga[3]]))
