@@ -583,9 +583,10 @@ class KVCache:
 
 
 # ---------------------------------------------------------------------------------------------------- sampling
-def sample_next(logits, temperature, top_p, generator):
+def sample_next(logits, temperature, top_p, generator, rows=None, n_draw=None):
     """logits (B, V) -> (B,) token ids. temperature 0 = greedy; top_p < 1 keeps the smallest set of tokens
-    whose probability reaches top_p (nucleus sampling)."""
+    whose probability reaches top_p (nucleus sampling). With `rows`, one uniform is drawn for each of n_draw
+    rows and rows[b] is row b's: a row's sample does not depend on which other rows are computed here."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = (logits.float() / temperature).softmax(-1)                 # (B, V)
@@ -596,7 +597,8 @@ def sample_next(logits, temperature, top_p, generator):
     # Inverse-CDF sampling: the first y with cdf(y) > u · total. 10x faster than torch.multinomial on CPU
     # (measured on 4 x 32064); `right=True` and u < 1 never pick a zero-probability token.
     cdf = probs.cumsum(-1)                                             # (B, V)
-    u = torch.rand(probs.size(0), 1, generator=generator, device=probs.device)
+    u = torch.rand(probs.size(0) if rows is None else n_draw, 1, generator=generator, device=probs.device)
+    u = u if rows is None else u[rows]                                 # (B, 1)
     return torch.searchsorted(cdf, u * cdf[:, -1:] * (1 - 2**-22), right=True).squeeze(-1)
 
 
@@ -611,7 +613,7 @@ def next_token_logits(lp, lq, mix_beta, allowed_bias):
 
 @torch.no_grad()
 def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, stop_tokens=(), pad_id=0,
-             generator=None, adapter=..., mix_adapter=None, mix_beta=0.0, allowed_tokens=None):
+             generator=None, adapter=..., mix_adapter=None, mix_beta=0.0, allowed_tokens=None, rows=None):
     """Batched KV-cached sampling. prompts: list of token lists (different lengths: left-padded).
     adapter: adapter to sample from (... = the active one; None = base), or a list with one per prompt.
     With mix_beta > 0 tokens come from the geometric mixture π^(1-β) μ^β of `adapter` and `mix_adapter`
@@ -619,7 +621,15 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, stop
     Every row, and the μ copy of every mixed row, runs in ONE forward pass per token with its own KV-cache row
     (per-row adapters, GPT.per_row_adapters): on a small model the weights are read once for all of them.
     Returns tokens, attn_mask, resp_mask, all (B, Tp + max_new_tokens): attn_mask is 0 on left padding and after
-    a row stopped; resp_mask is 1 on generated tokens including the stop token. Finished rows hold pad_id."""
+    a row stopped; resp_mask is 1 on generated tokens including the stop token. Finished rows hold pad_id.
+    rows: sample only these rows of `prompts` (and of per-row adapter / mix_beta lists), with the random numbers
+    that the whole batch would use: data-parallel ranks each generate their own slice of a global batch and get
+    exactly the rows one process would (train_lm.py under torchrun)."""
+    n_draw = len(prompts)
+    if rows is not None:
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        pick = lambda xs: [xs[i] for i in rows.tolist()] if isinstance(xs, (list, tuple)) else xs  # noqa: E731
+        prompts, adapter, mix_beta = pick(prompts), pick(adapter), pick(mix_beta)
     B, Tp, N = len(prompts), max(len(p) for p in prompts), max_new_tokens
     device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
     if any(len(p) == 0 for p in prompts):
@@ -671,14 +681,16 @@ def generate(model, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, stop
         with model.adapter(None if one is ... else one), model.per_row_adapters(ids, dtype):
             logits = step(tokens[:, :Tp], attn[:, :Tp])                # prefill
             for i in range(N):
-                nxt = sample_next(logits, temperature, top_p, generator)    # (B,)
+                nxt = sample_next(logits, temperature, top_p, generator, rows, n_draw)    # (B,)
                 nxt = nxt.masked_fill(done, pad_id)
                 tokens[:, Tp + i] = nxt
                 attn[:, Tp + i] = resp[:, Tp + i] = ~done
                 if len(stop):
                     done = done | torch.isin(nxt, stop)
                     if bool(done.all()):   # the only host sync per step
-                        break
+                        for _ in range(N - 1 - i) if temperature else ():   # the draws of the steps not taken:
+                            torch.rand(n_draw, 1, generator=generator, device=device)   # `generator` ends
+                        break                                         # in the same state however rows stop
                 if i + 1 < N:
                     logits = step(nxt[:, None], None)                  # decode one token, mask from the cache
     finally:

@@ -295,14 +295,17 @@ class Rollout(NamedTuple):
 
 def sample(model, task, cfg, k, adapter, gen, mix_beta=0.0, blocks=1):
     """One response per entry of k, from `adapter` (None = base), or from the per-token mixture with the base.
-    Under torchrun k is the GLOBAL batch (`blocks` equal blocks, e.g. [k; k]) and this rank keeps its rows: the
-    sampler draws one uniform per row and token from the shared generator, so a row's answer is independent of
-    the split only if every rank draws them all (generation is replicated; judge, log-probs, backward are not)."""
+    Under torchrun k is the GLOBAL batch (`blocks` equal blocks, e.g. [k; k]) and this rank generates only its
+    rows, with the random numbers of the whole batch (generate(rows=...)); generate draws them for all
+    max_new_tokens steps even when its rows stop early, so every rank's `gen` stays in step and a row's answer
+    does not depend on the number of processes."""
     stop = () if task.P is not None else task.tok.stop_ids
+    rows = task.shard.rows(len(k), blocks)
     tokens, attn, resp = generate(model, [task.ids[i] for i in k.tolist()], max_new_tokens=cfg.max_new_tokens,
                                   temperature=cfg.temperature, stop_tokens=stop, pad_id=task.tok.pad_id,
                                   generator=gen, adapter=adapter, mix_adapter=None, mix_beta=mix_beta,
-                                  allowed_tokens=task.alphabet)
+                                  allowed_tokens=task.alphabet, rows=None if isinstance(rows, slice) else rows)
+    k = k[rows]
     y = None
     if task.P is not None:              # toy: the L response tokens -> action index in base A
         lut = torch.full((model.config.vocab_size,), -1, dtype=torch.long, device=tokens.device)
@@ -310,7 +313,7 @@ def sample(model, task, cfg, k, adapter, gen, mix_beta=0.0, blocks=1):
         y = torch.zeros(len(k), dtype=torch.long, device=tokens.device)
         for t in range(cfg.max_new_tokens):
             y = y * len(task.alphabet) + lut[tokens[:, -cfg.max_new_tokens + t]]
-    return Rollout(tokens, attn, resp, k, y).take(task.shard.rows(len(k), blocks))
+    return Rollout(tokens, attn, resp, k, y)
 
 
 def toy_policy(model, task):

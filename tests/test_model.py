@@ -412,3 +412,24 @@ def test_per_row_adapters_and_mixtures_equal_separate_calls(fresh):
     rows = generate(fresh, prompts + prompts, adapter=["a"] * 8, mix_adapter=None,
                     mix_beta=[0.4, 0, 0.4, 0, 0.2, 0.4, 0.4, 0], **kw)[0]
     assert torch.equal(rows, torch.stack([mix4[0], ga[1], mix4[2], ga[3], mix2[0], mix4[1], mix4[2], ga[3]]))
+
+
+def test_generate_rows_equal_the_full_batch_rows(fresh):
+    """generate(rows=...) samples exactly the chosen rows of the full batch (same random numbers), so torchrun ranks
+    that each generate their own slice reproduce a single process."""
+    fresh.add_adapter("a", r=4, alpha=8)
+    randomize(fresh, "a", seed=1, scale=0.3)
+    prompts = [[1, 5, 9, 33], [1, 7], [1, 2, 3, 4, 5, 6], [1, 90]]
+    kw = dict(max_new_tokens=10, temperature=1.0, adapter=["a", None, "a", None], mix_beta=[0.0, 0.0, 0.3, 0.0])
+    full = generate(fresh, prompts, generator=torch.Generator().manual_seed(7), **kw)
+    for rows in ([1, 3], [0, 2], [2]):
+        part = generate(fresh, prompts, generator=torch.Generator().manual_seed(7), rows=rows, **kw)
+        assert all(torch.equal(p, f[rows][:, -p.size(1):]) for p, f in zip(part, full))
+        assert all(f[rows][:, :-p.size(1)].sum() == 0 for p, f in zip(part[1:], full[1:]))   # only padding cut
+    # A slice whose rows all stop early still leaves the generator where the full batch leaves it.
+    stop = (int(full[0][1, -8]),)
+    g_full, g_part = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    full = generate(fresh, prompts, generator=g_full, stop_tokens=stop, **kw)
+    part = generate(fresh, prompts, generator=g_part, stop_tokens=stop, rows=[1], **kw)
+    assert part[2].sum() < 10 and torch.equal(part[0], full[0][[1]][:, -part[0].size(1):])
+    assert torch.equal(g_full.get_state(), g_part.get_state())
