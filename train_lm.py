@@ -33,6 +33,7 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
 from itertools import product
 from pathlib import Path
 from typing import NamedTuple
@@ -97,7 +98,6 @@ PRESETS = {   # tiny: chosen so that `python train_lm.py` converges in < 3 min; 
                  inpo_iter_steps=250, temperature=0.1, max_new_tokens=128, save_every=50, log_every=1),
     "phi3/inpo": dict(tau=0.005 / 3, eta=0.005, adam_beta1=0.9),      # INPO's paper: η = 0.005, τ = η/3
 }
-TOY_HEAD_STD = 0.06               # init of the toy base's lm_head (see setup)
 ALGOS = ("inpo", "nash_md", "lana")
 ADAPTERS = {"inpo": ("policy", "prev"), "nash_md": ("policy",), "lana": ("player1", "player2")}
 TRAINED = {"inpo": ("policy",), "nash_md": ("policy",), "lana": ("player1", "player2")}
@@ -108,11 +108,10 @@ class UserError(Exception):
 
 
 def str2bool(s):
-    if s.lower() in ("1", "true", "yes", "y", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+    words = {**dict.fromkeys(("1", "true", "yes", "y", "on"), True), **dict.fromkeys(("0", "false", "no", "n", "off"), False)}
+    if s.lower() not in words:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+    return words[s.lower()]
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -264,7 +263,7 @@ def setup(cfg, eval_split=False):
         # After the final RMSNorm |h| = √C, so with GPT-2's std 0.02 every logit is within ±0.02·C ≈ ±1.3 and the
         # LoRA players could never express a policy sharper than about 4:1. A wider output layer fixes that (and
         # makes μ non-uniform, different per prompt).
-        torch.nn.init.normal_(model.lm_head.weight, std=TOY_HEAD_STD)
+        torch.nn.init.normal_(model.lm_head.weight, std=0.06)
         return device, model.to(device), toy_task(cfg)
     texts = load_prompts(cfg.prompts or ROOT / "data" / "prompts.jsonl")
     texts = [t for i, t in enumerate(texts) if (i % 10 == 9) == eval_split] or texts
@@ -349,14 +348,13 @@ def logprobs(model, adapter, r, task, grad=False):
     per_row = isinstance(adapter, (list, tuple))
     with torch.set_grad_enabled(grad):
         if task.P is not None:            # toy: one exact table per distinct adapter, rows gathered from it
-            names = list(dict.fromkeys(adapter)) if per_row else [adapter]
+            rows = list(adapter) if per_row else [adapter] * len(r.k)
+            names = list(dict.fromkeys(rows))
             tables = []
             for a in names:
                 with model.adapter(a):
                     tables.append(toy_policy(model, task))              # (K, n)
-            if not per_row:
-                return tables[0][r.k, r.y]
-            which = torch.tensor([names.index(a) for a in adapter], device=r.k.device)
+            which = torch.tensor([names.index(a) for a in rows], device=r.k.device)
             return torch.stack(tables)[which, r.k, r.y]
         if per_row:
             return sequence_logprobs(model, r.tokens, r.attn, r.resp, adapter_ids=row_adapters(model, adapter))
@@ -492,13 +490,12 @@ def closed_form(task, mu, cfg, T):
     """The same games (P_ε, μ, τ) under games.py's closed-form updates: mean gap after each of T iterations.
     "Expected step" = the softmax-table step that the sampled loss follows on average (learning rate 3)."""
     tau, eta, beta = cfg.tau, cfg.eta, cfg.mix_beta
-    dyn = {f"INPO = OMD, η_I = {eta}": lambda P, m: lambda p, t: games.omd_step(P, m, p, 1 / eta, tau),
-           "Nash-MD, η_t = 2/(τ(t+2))": lambda P, m: lambda p, t: games.nash_md_step(P, m, p, 2 / (tau * (t + 2)), tau),
-           f"Nash-MD-PG, β = {beta} (expected step)": lambda P, m: lambda p, t: games.nash_md_pg_step(P, m, p, 3., tau,
-                                                                                                      beta),
-           "LANA, §5.2 sign (expected step)": lambda P, m: lambda p, t: games.lana_sgd_step(P, p, 3.0),
-           "LANA, printed sign (expected step)": lambda P, m: lambda p, t: games.lana_sgd_step(P, p, 3.0, True)}
-    return {name: np.mean([[games.duality_gap(P, p, m, tau) for p in games.run(f(P, m), m, T)]
+    dyn = {f"INPO = OMD, η_I = {eta}": lambda P, m, p, t: games.omd_step(P, m, p, 1 / eta, tau),
+           "Nash-MD, η_t = 2/(τ(t+2))": lambda P, m, p, t: games.nash_md_step(P, m, p, 2 / (tau * (t + 2)), tau),
+           f"Nash-MD-PG, β = {beta} (expected step)": lambda P, m, p, t: games.nash_md_pg_step(P, m, p, 3., tau, beta),
+           "LANA, §5.2 sign (expected step)": lambda P, m, p, t: games.lana_sgd_step(P, p, 3.0),
+           "LANA, printed sign (expected step)": lambda P, m, p, t: games.lana_sgd_step(P, p, 3.0, True)}
+    return {name: np.mean([[games.duality_gap(P, p, m, tau) for p in games.run(partial(f, P, m), m, T)]
                            for P, m in zip(task.P, mu)], 0) for name, f in dyn.items()}
 
 
@@ -569,13 +566,10 @@ def distributed():
 
 
 def all_reduce_grads(params, loss, shard):
-    """Data parallelism on the adapters only; returns the loss averaged over ranks (a float).
-    Each rank's loss is the mean over its rows and all ranks hold equally many, so the mean of the ranks'
-    gradients is the gradient of the global batch's loss: what DDP computes. DDP itself would wrap a module and
-    hook its forward, but here one frozen base serves policy, previous iterate, reference and judge through
-    adapter switching (several forwards per step, some without grad), so we all-reduce by hand after backward:
-    the trainable gradients (and the loss) flattened into ONE bucket, one collective per step. The frozen base
-    is never communicated; every rank starts from the same seed (or checkpoint), so the adapters stay equal."""
+    """Data parallelism on the adapters only; returns the loss averaged over ranks (a float). Ranks hold equally
+    many rows, so the mean of their gradients is the global batch's gradient, as in DDP. DDP would hook one module's
+    forward, but one frozen base serves every role through adapter switching, so we all-reduce by hand after
+    backward: gradients and loss in ONE bucket. Equal seeds (or checkpoint) keep the adapters equal on all ranks."""
     if shard.world == 1:
         return loss.item()
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
@@ -731,11 +725,10 @@ def memory_budget(c, cfg, dtype_bytes=2):
     B, T, N = cfg.batch_size * cfg.samples, cfg.max_prompt_tokens + cfg.max_new_tokens, cfg.max_new_tokens
     per_tok = (3 * C + 3 * c.n_kv_head * hd + 3 * I) * dtype_bytes + (2 * C + 3 * C + I + 4 * cfg.lora_rank) * 4
     rows, kv_rows = {"inpo": (2 * B, 2 * B), "nash_md": (B, 3 * B), "lana": (4 * B, 4 * B)}[cfg.algo]
-    d = dict(base_weights=base * dtype_bytes, adapter_each=4 * lora, adapters=4 * lora * len(ADAPTERS[cfg.algo]),
-             gradients=4 * lora * len(TRAINED[cfg.algo]), optimizer_state=8 * lora * len(TRAINED[cfg.algo]),
-             kv_cache=kv_rows * T * L * 2 * c.n_kv_head * hd * dtype_bytes,
-             activations=rows * (T * L * per_tok + N * V * 4))
-    return finish_budget(d)
+    return finish_budget(dict(
+        base_weights=base * dtype_bytes, adapter_each=4 * lora, adapters=4 * lora * len(ADAPTERS[cfg.algo]),
+        gradients=4 * lora * len(TRAINED[cfg.algo]), optimizer_state=8 * lora * len(TRAINED[cfg.algo]),
+        kv_cache=kv_rows * T * L * 2 * c.n_kv_head * hd * dtype_bytes, activations=rows * (T * L * per_tok + N * V * 4)))
 
 
 def naive_budget(c, cfg, dtype_bytes=2, copies=3):
@@ -745,22 +738,15 @@ def naive_budget(c, cfg, dtype_bytes=2, copies=3):
     (a full fine-tune keeps somewhat different activations; not modelled)."""
     ours, (base, _) = memory_budget(c, cfg, dtype_bytes), param_counts(c, cfg.lora_rank)
     trained = len(TRAINED[cfg.algo]) * base
-    d = dict(base_weights=copies * base * dtype_bytes, adapter_each=0, adapters=0, gradients=trained * dtype_bytes,
-             optimizer_state=trained * 12, kv_cache=ours["kv_cache"], activations=ours["activations"])
-    return finish_budget(d)
+    return finish_budget(dict(base_weights=copies * base * dtype_bytes, adapter_each=0, adapters=0,
+                              gradients=trained * dtype_bytes, optimizer_state=trained * 12,
+                              kv_cache=ours["kv_cache"], activations=ours["activations"]))
 
 
 def finish_budget(d):
     d["static"] = d["base_weights"] + d["adapters"] + d["gradients"] + d["optimizer_state"]
     d["total"] = d["static"] + max(d["kv_cache"], d["activations"])
     return d
-
-
-def format_budget(ours, naive):
-    rows = [f"{'bytes (GB = 1e9)':<18}{'nano_nash':>12}{'naive':>12}"]
-    rows += [f"{k:<18}{v / 1e9:>12.3f}{naive[k] / 1e9:>12.3f}" for k, v in ours.items()]
-    return "\n".join(rows) + "\n(static = weights + adapters + gradients + optimizer; total = static + max(kv_cache, " \
-                            "activations): generation and training run one after the other)"
 
 
 def dry_run(cfg):
@@ -779,37 +765,41 @@ def dry_run(cfg):
     base, lora = param_counts(c, cfg.lora_rank)
     print(f"{cfg.algo} on {cfg.model}: {base:,} base parameters, {lora:,} per adapter (r = {cfg.lora_rank}); "
           f"batch {cfg.batch_size} x {cfg.samples} samples, {cfg.max_prompt_tokens} + {cfg.max_new_tokens} tokens, "
-          f"{'fp32' if dtype_bytes == 4 else 'bf16'} base\n{format_budget(ours, naive)}\n")
+          f"{'fp32' if dtype_bytes == 4 else 'bf16'} base\n{'bytes (GB = 1e9)':<18}{'nano_nash':>12}{'naive':>12}")
+    for k, v in ours.items():
+        print(f"{k:<18}{v / 1e9:>12.3f}{naive[k] / 1e9:>12.3f}")
+    print("(static = weights + adapters + gradients + optimizer; total = static + max(kv_cache, activations): "
+          "generation and training run one after the other)\n")
     return ours, naive
 
 
 # ---------------------------------------------------------------------------------------------------- plot and main
 def plot(runs, path, closed=None, iter_steps=None):
-    """runs: name -> records. Exact gap per step if logged (toy), else the loss; `closed`: closed-form curves beside."""
+    """runs: name -> records. Exact gap per step if logged (toy), else the loss; `closed`: closed-form curves beside
+    (and INPO's, one iteration per iter_steps steps, on the left)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    key = "gap" if any("gap" in r for recs in runs.values() for r in recs) else "loss"
+    gap = any("gap" in r for recs in runs.values() for r in recs)
+    key = "gap" if gap else "loss"
     fig, axes = plt.subplots(1, 2 if closed else 1, figsize=(13 if closed else 6.5, 4.5), squeeze=False)
     ax = axes[0, 0]
     for name, recs in runs.items():
         pts = [(r["step"], r[key]) for r in recs if key in r]
         if pts:
             ax.plot(*zip(*pts), label=name)
-    if closed and iter_steps:
+    if closed:
         last = max(r["step"] for recs in runs.values() for r in recs)
         inpo = next(v for k, v in closed.items() if k.startswith("INPO"))[:last // iter_steps + 1]
         ax.plot(np.arange(len(inpo)) * iter_steps, inpo, "k:", label="INPO closed form (1 iteration per inpo_iter_steps)")
-    ax.set(xlabel="step", ylabel="DualGap_τ (exact, mean over prompts)" if key == "gap" else "loss",
-           title="LM (tiny Phi-3, LoRA) on the toy preference game" if key == "gap" else "training loss")
-    if key == "gap":
-        ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    if closed:
         for name, curve in closed.items():
             axes[0, 1].plot(np.maximum(curve, 1e-12), label=name)      # 0 at the NE: floor for the log scale
         axes[0, 1].set(xlabel="iteration", ylabel="DualGap_τ", yscale="log", title="closed form (games.py), same P, μ, τ")
         axes[0, 1].legend(fontsize=8)
+    ax.set(xlabel="step", ylabel="DualGap_τ (exact, mean over prompts)" if gap else "loss",
+           title="LM (tiny Phi-3, LoRA) on the toy preference game" if gap else "training loss",
+           yscale="log" if gap else "linear")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
