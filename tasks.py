@@ -1,0 +1,214 @@
+"""
+tasks.py: what train_lm.py trains on. Two tasks behind one interface, so the training loop and every step read
+the same for both:
+
+    task.prompts     chat-formatted token ids, one list per prompt (task.texts: the texts)
+    task.vocab       the token ids responses are drawn from (None: all), task.stop_ids
+    task.judge(model, r1, r2, adapters, both_orders) -> (P(y ≻ y') per pair (B,), stats)
+    task.measure(model, adapter) -> {"gap": ..., "gap0": ...} exact duality gaps of the policy (toy), or {}
+
+ToyTask  (--model tiny): a tiny random Phi-3 answers 4 prompts with L tokens from {a, b, c}; each prompt is a game
+         from games.py, whose P judges; the policy can be enumerated, so its duality gap is exact.
+ChatTask (--model phi3): real prompts; an LM reads a judge prompt and answers "1" or "2".
+"""
+import json
+import os
+from itertools import product
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+import games
+import nano_nash
+from model import GPT, GPTConfig, left_pad, sequence_logprobs
+from runs import UserError
+from tokenizer import load_tokenizer, tiny_tokenizer
+from weights import find_checkpoint, load_phi3, model_name, read_config
+
+ROOT = Path(__file__).resolve().parent
+
+
+class Rollout(NamedTuple):
+    """Sampled responses: tokens, mask, resp (B, T) as generate returns them; k (B,) their prompts."""
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    resp: torch.Tensor
+    k: torch.Tensor
+
+    def take(self, i):
+        return Rollout(*(t[i] for t in self))
+
+
+class ToyTask:
+    """4 prompts, each its own game over the n = 3^L responses {a,b,c}^L. L = 1: rock-paper-scissors, Gardner's
+    dice, a weighted cycle, NLHF's 3-type game; L ≥ 2: random games. The game's P is the judge (an oracle; with
+    label noise ε the game becomes P_ε = ε + (1 − 2ε) P). μ is the model's own policy with adapters off."""
+    def __init__(self, cfg):
+        self.tok, L = tiny_tokenizer(), cfg.max_new_tokens
+        self.texts = ["RPS:", "Dice:", "Cycle:", "NLHF:"] if L == 1 else ["A:", "B:", "C:", "D:"]
+        self.user = [self.tok.encode(t) for t in self.texts]
+        self.prompts, self.stop_ids = [self.tok.chat(u) for u in self.user], ()
+        self.vocab = torch.tensor([self.tok.encode(c)[0] for c in "abc"])
+        gs = [games.rps(), games.dice(), games.weighted_cycle(), games.nlhf3()] if L == 1 else \
+            [games.random_game(3 ** L, cfg.seed + k) for k in range(4)]
+        self.P = cfg.label_noise + (1 - 2 * cfg.label_noise) * torch.stack([g.P for g in gs])  # (K, n, n)
+        self.L, self.tau = L, cfg.tau
+
+    def actions(self, r):
+        """Each row's response as an index in {a,b,c}^L (base 3): (B,)."""
+        digits = (r.tokens[:, -self.L:, None] == self.vocab.to(r.tokens.device)).long().argmax(-1)   # (B, L)
+        return (digits * 3 ** torch.arange(self.L - 1, -1, -1, device=digits.device)).sum(-1)
+
+    def judge(self, model, r1, r2, adapters=None, both_orders=False):
+        p = self.P[r1.k.cpu(), self.actions(r1).cpu(), self.actions(r2).cpu()]
+        return p.float().to(r1.k.device), {}
+
+    @torch.no_grad()
+    def policy(self, model, adapter):
+        """The exact table π(y | x_k): (K, n), float64. One forward over all K·n prompt-response sequences."""
+        seqs = [p + [int(self.vocab[a]) for a in y] for p in self.prompts for y in product(range(3), repeat=self.L)]
+        tokens, mask = left_pad(seqs, self.tok.pad_id)
+        resp = torch.zeros_like(mask)
+        resp[:, -self.L:] = 1
+        dev = model.lm_head.weight.device
+        logp = sequence_logprobs(model, tokens.to(dev), mask.to(dev), resp.to(dev), adapter, self.vocab)
+        return logp.double().exp().view(len(self.prompts), -1).cpu()
+
+    def measure(self, model, adapter):
+        """Mean over prompts of DualGap_τ (against π*_τ of (P, μ, τ)) and DualGap_0 (the unregularised NE)."""
+        pi, mu = self.policy(model, adapter), self.policy(model, None)
+        return {"gap": nano_nash.duality_gap(self.P, pi, mu, self.tau).mean().item(),
+                "gap0": nano_nash.duality_gap(self.P, pi).mean().item()}
+
+
+JUDGE = ("Which response is better? Read the question and the two responses, then decide which response answers "
+         "the question better.\n\nQuestion:\n", "\n\nResponse 1:\n", "\n\nResponse 2:\n",
+         "\n\nOutput 1 or 2 and nothing else.")
+
+
+class ChatTask:
+    """Real prompts; an LM judges. The judge's input is assembled from token ids: the template's pieces, the
+    prompt's ids as the policy saw them (cut to max_prompt_tokens) and each response's generated ids with every
+    special id removed, so neither a prompt nor a response can write a control token into the judge's input."""
+    def __init__(self, tok, texts, max_prompt_tokens):
+        self.tok, self.texts, self.vocab, self.stop_ids = tok, texts, None, tok.stop_ids
+        self.user = [tok.encode(t)[:max_prompt_tokens] for t in texts]
+        cut = sum(len(tok.encode(t)) > max_prompt_tokens for t in texts)
+        if cut:
+            print(f"warning: {cut} prompt(s) longer than {max_prompt_tokens} tokens were cut to that length")
+        self.prompts = [tok.chat(u) for u in self.user]
+        self.pieces = [tok.encode(JUDGE[0])] + [tok.encode(p, dummy_prefix=False) for p in JUDGE[1:]]
+        self.answers = [tok.encode("1")[-1], tok.encode("2")[-1]]
+
+    def judge_ids(self, k, a, b):
+        clean = [i for i in a if i not in self.tok.special_ids], [i for i in b if i not in self.tok.special_ids]
+        p = self.pieces
+        return self.tok.chat(p[0] + self.user[k] + p[1] + clean[0] + p[2] + clean[1] + p[3])
+
+    @torch.no_grad()
+    def judge(self, model, r1, r2, adapters=None, both_orders=False):
+        """P(y ≻ y') per pair (B,) from the judge model under `adapters` (None = base, or one per pair)."""
+        ys = [[r.tokens[b][r.resp[b].bool()].tolist() for b in range(len(r.k))] for r in (r1, r2)]
+
+        def logits(first, second):
+            x, m = left_pad([self.judge_ids(int(k), a, b) for k, a, b in zip(r1.k, first, second)],
+                            self.tok.pad_id)
+            out = model(x.to(r1.k.device), adapters, mask=m.to(r1.k.device), last_only=True)
+            return out[:, -1, self.answers]                                          # (B, 2)
+        return nano_nash.judge_preference(logits(*ys), logits(*ys[::-1]) if both_orders else None)
+
+    def measure(self, model, adapter):
+        return {}                                       # no exact yardstick for a real LM
+
+
+def load_prompts(path):
+    """JSON lines or a JSON array of strings or {"prompt": ...} objects, or plain text (one prompt per line)."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")              # -sig: a byte-order mark is not text
+    except OSError as e:
+        raise UserError(f"cannot read prompts file {path} ({e.strerror}); pass --prompts FILE") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 (byte {e.start}); save it as UTF-8") from None
+    lines = text.splitlines()
+    if path.suffix in (".json", ".jsonl") or text.lstrip()[:1] in ("{", "["):
+        try:
+            items = json.loads(text) if text.lstrip()[:1] == "[" else [json.loads(s) for s in lines if s.strip()]
+        except ValueError as e:
+            raise UserError(f"{path}: not valid JSON ({e}); use one {{\"prompt\": ...}} object per line") from None
+        lines = [x.get("prompt") if isinstance(x, dict) else x for x in items]
+        bad = next((i for i, x in enumerate(lines, 1) if not isinstance(x, str)), None)
+        if bad:
+            raise UserError(f"{path}: item {bad} is not a string or an object with a string \"prompt\" field")
+    kept = [s.strip() for s in lines if s.strip()]
+    if len(kept) < len(lines):
+        print(f"skipped {len(lines) - len(kept)} empty prompt(s) in {path}")
+    if not kept:
+        raise UserError(f"{path} holds no prompts")
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------------------
+# setup: the device, the frozen base model and the task
+
+def pick_device(cfg):
+    if cfg.device == "auto":
+        gpu = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        return torch.device(gpu if cfg.model == "phi3" else "cpu")
+    try:
+        d = torch.device(cfg.device)
+    except RuntimeError:
+        d = None
+    ok = d is not None and (d.type == "cpu" or (d.type == "mps" and torch.backends.mps.is_available()) or
+                            (d.type == "cuda" and (d.index or 0) < torch.cuda.device_count()))
+    if not ok:
+        raise UserError(f"--device {cfg.device} is not a device of this machine; use auto, cpu, cuda, cuda:N "
+                        f"(here {torch.cuda.device_count()} GPU(s)) or mps")
+    return d
+
+
+def find_weights(cfg):
+    """--weights, else $NANO_NASH_WEIGHTS, else the Hugging Face cache ($HF_HUB_CACHE or $HF_HOME/hub)."""
+    given = cfg.weights or os.environ.get("NANO_NASH_WEIGHTS")
+    hub = os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub"
+    path = Path(given or Path(hub) / "models--microsoft--Phi-3-mini-4k-instruct").expanduser()
+    if not given and not path.is_dir():
+        raise UserError(f"Phi-3 weights not found (no --weights, no $NANO_NASH_WEIGHTS, nothing at {path}); get "
+                        "them with `huggingface-cli download microsoft/Phi-3-mini-4k-instruct --local-dir DIR` "
+                        "and pass --weights DIR")
+    return find_checkpoint(path)
+
+
+def setup(cfg, held_out=False):
+    """(frozen base model, task, base model's name). The real run checks everything cheap first (prompts, device,
+    config.json, tokenizer, lengths) and loads the weights last. held_out: every 10th prompt (for --eval)."""
+    device = pick_device(cfg)
+    if cfg.model == "tiny":
+        torch.set_num_threads(1)           # tiny matrices: more threads only add overhead
+        torch.manual_seed(cfg.seed)
+        model = GPT(GPTConfig.from_name("tiny"))
+        # After the final RMSNorm |h| = √C, so with GPT-2's std 0.02 every logit is within ±1.3 and the LoRA
+        # players could not express a policy sharper than ~4:1; a wider output layer fixes that.
+        torch.nn.init.normal_(model.lm_head.weight, std=0.06)
+        return model.to(device), ToyTask(cfg), "tiny"
+    prompts = Path(cfg.prompts or ROOT / "data" / "prompts.jsonl")
+    texts = load_prompts(prompts)
+    if held_out and len(texts) < 10:
+        raise UserError(f"--eval holds out every 10th prompt and {prompts} has only {len(texts)}; give 10 or more")
+    texts = [t for i, t in enumerate(texts) if (i % 10 == 9) == held_out] or texts
+    folder = find_weights(cfg)
+    config, tok = read_config(folder / "config.json"), load_tokenizer(folder)
+    if tok.vocab_size > config.vocab_size:
+        raise UserError(f"{folder}: the tokenizer has ids up to {tok.vocab_size - 1}, the model's vocabulary only "
+                        f"{config.vocab_size}; tokenizer.json and config.json are from different models")
+    task = ChatTask(tok, texts, cfg.max_prompt_tokens)
+    longest = max(map(len, task.prompts)) + cfg.max_new_tokens
+    judge = len(task.judge_ids(0, [], [])) + cfg.max_prompt_tokens + 2 * cfg.max_new_tokens
+    if max(longest, judge) > config.block_size:
+        raise UserError(f"a judge prompt can reach {judge} tokens, more than the model's context "
+                        f"{config.block_size}; lower --max_new_tokens or --max_prompt_tokens")
+    dtype = {"auto": torch.bfloat16 if device.type != "cpu" else torch.float32, "bfloat16": torch.bfloat16,
+             "float32": torch.float32}[cfg.dtype]
+    model, _ = load_phi3(folder, device, dtype)
+    return model, task, model_name(folder)
