@@ -1,24 +1,28 @@
 """Benchmarks: ours vs the reference implementation on the same weights, in one process.
 
-    python bench.py --json out/bench.json          # forward, generation, training steps; tiny random Phi-3, 2 threads
-    python bench.py --quick                        # fast sanity run (short sequences, 2 repeats, one TRL step)
-    python bench.py --step-tokens 32 128           # training steps at T = 32 and 128 new tokens (TRL: minutes)
-    .venv-bench/bin/python bench.py                # with TRL (requirements-bench.txt): the Nash-MD-PG step's peer
+    python bench.py --json out/bench.json    # forward, generation, training steps, memory; tiny random Phi-3
+    python bench.py --quick                  # fast sanity run (short sequences, 2 repeats, one TRL step)
+    python bench.py --step-tokens 32 128     # training steps at T = 32 and 128 new tokens (TRL: minutes)
+    python bench.py --only memory            # one step's memory, ours vs the peers' layout (no timing)
+    python bench.py --load-rss --only none   # peak RSS while loading a ~1 GB checkpoint
+    .venv-bench/bin/python bench.py          # with TRL (requirements-bench.txt): the Nash-MD-PG step's peer
 
-Each benchmark appends a result {name, ours, reference, ratio, unit, notes} to one list (ratio > 1: ours is
-better; reference and ratio are null where no peer exists); add a benchmark by writing a function that returns
-such dicts and listing it in BENCHMARKS. transformers is needed here (it is the reference), never by model.py;
-trl is imported only when present (bench_trl.py), else its rows are skipped with a note.
+Each benchmark returns results {name, ours, reference, ratio, unit, notes} (ratio > 1: ours is better;
+reference and ratio are null where no peer exists); add one by writing such a function and listing it in
+BENCHMARKS. Timed pairs alternate ours and the reference, so load from other jobs hits both alike.
+transformers is the reference here, never used by model.py; trl is imported only when present (bench_trl.py).
 
-Training steps run train_lm.py's own step functions (STEP[algo]) plus the optimizer step that train() does, on a
-Task built here: the same tiny Phi-3 as TRL's side (bench_trl.phi3_config), LoRA adapters, batch 4, 14-token
-prompts, exactly T new tokens (stop ids off), the model judging itself; same shapes as TRL's side but not the
-same random weights, and always the wall clock (TRL's timer is). The profile splits each step into
-generation (train_lm.sample), judging (train_lm.judge), log-prob forwards (train_lm.logprobs) and the rest
-(loss, backward, optimizer), by timing those functions in place.
+Training steps run train_lm.ALGOS[algo].step plus the backward pass and AdamW step that train() does, on
+a tasks.ChatTask built here: a random Phi-3 of the TRL side's shape (bench_trl.phi3_config), LoRA adapters,
+batch 4, 14-token prompts, exactly T new tokens (stop ids off), the model judging itself; same shapes as TRL's
+side, not the same weights. The profile splits each step into generation (train_lm.sample), judging
+(task.judge), log-prob forwards (train_lm.score) and the rest (loss, backward, optimizer). Memory compares
+train_lm.memory with the peers' layout for Phi-3-mini at LANA's paper settings (no timing).
 """
 import argparse
+import functools
 import importlib.util
+import itertools
 import json
 import os
 import statistics
@@ -26,19 +30,25 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+import tasks
 import train_lm
 from model import GPT, GPTConfig, generate
 from tokenizer import load_tokenizer, tiny_tokenizer
+from weights import load_phi3
 
 PHI3_TOKENIZER = Path(__file__).resolve().parent / ".." / "shared" / "assets" / "phi3-tokenizer"
+LABELS = {"nash_md_pg": "Nash-MD-PG", "lana": "LANA", "inpo": "INPO"}
 
 
-# ---------------------------------------------------------------------------------------------------- config
+# ----------------------------------------------------------------------------------------------------------
+# config and timing
+
 @dataclass
 class BenchConfig:
     threads: int = 2
@@ -50,23 +60,21 @@ class BenchConfig:
     batch: int = 4
     prompt_len: int = 14
     new_tokens: int = 128
-    forward_len: int = 128     # tokens per row in the forward benchmark
+    forward_len: int = 128         # tokens per row in the forward benchmark
     repeats: int = 5
-    rss_gb: float = 1.0        # checkpoint size for --load-rss
-    clock: str = "wall"        # "wall" or "cpu" (process CPU time; use on a machine shared with other jobs)
-    step_tokens: tuple = (32,) # new tokens T of the training-step benchmarks (TRL at 128: ~20 s/step and more)
-    step_intermediate: int = 683   # TRL side's Phi-3 ratio 8192/3072 at hidden 256 (bench_trl.phi3_config)
-    steps: int = 5             # timed training steps per algorithm (after one warm-up step)
-    trl_steps: int = 3         # timed TRL steps (after one warm-up step)
-    mix_beta: float = 0.5      # Nash-MD mixture coefficient (TRL's mixture_coef default)
-    temperature: float = 0.9   # TRL's default sampling temperature
-    tau: float = 0.1           # Nash-MD-PG's KL coefficient (TRL's beta default); LANA, INPO: the phi3 presets
+    clock: str = "wall"            # "wall" or "cpu" (process CPU time; for a machine shared with other jobs)
+    step_tokens: tuple = (32,)     # new tokens T of the training steps (TRL at 128: ~20 s/step and more)
+    step_intermediate: int = 683   # Phi-3's ratio 8192/3072 at hidden 256, as bench_trl.phi3_config
+    steps: int = 5                 # timed training steps per algorithm (after one warm-up step)
+    trl_steps: int = 3             # timed TRL steps (after one warm-up step)
+    mix_beta: float = 0.5          # Nash-MD-PG's mixture coefficient (TRL's mixture_coef default)
+    temperature: float = 0.9       # TRL's default sampling temperature
+    tau: float = 0.1               # Nash-MD-PG's KL coefficient (TRL's beta default); others: phi3 presets
 
 
 def timed_pair(ours, reference, repeats, clock):
-    """Median seconds of ours() and reference() over `repeats` runs each, after one warm-up run each. The runs
-    alternate, so load from other processes on a shared machine hits both sides alike. clock: "wall"
-    (time.perf_counter) or "cpu" (time.process_time: CPU seconds of this process, steadier on a busy machine)."""
+    """Median seconds of ours() and reference() over `repeats` alternating runs, after one warm-up each.
+    clock: "wall" (time.perf_counter) or "cpu" (time.process_time: this process's CPU seconds)."""
     now = time.perf_counter if clock == "wall" else time.process_time
     ours(), reference()
     t_ours, t_ref = [], []
@@ -78,251 +86,270 @@ def timed_pair(ours, reference, repeats, clock):
     return statistics.median(t_ours), statistics.median(t_ref)
 
 
-def result(name, ours, reference, unit, higher_is_better=True):
+def result(name, ours, reference, unit, higher_is_better=True, notes=""):
     ratio = ours / reference if higher_is_better else reference / ours
-    return dict(name=name, ours=ours, reference=reference, ratio=ratio, unit=unit)
+    return dict(name=name, ours=ours, reference=reference, ratio=ratio, unit=unit, notes=notes)
 
 
-def tiny_pair(cfg: BenchConfig, folder):
+def tiny_pair(cfg, folder):
     """A random transformers Phi-3 and ours loaded from its saved folder (same weights)."""
     from transformers import Phi3Config, Phi3ForCausalLM
     torch.manual_seed(0)
-    hf_cfg = Phi3Config(vocab_size=cfg.vocab, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
-                        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
-                        max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                        tie_word_embeddings=False)
-    hf = Phi3ForCausalLM(hf_cfg).eval()
+    hf = Phi3ForCausalLM(Phi3Config(
+        vocab_size=cfg.vocab, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.heads,
+        max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=False)).eval()
     hf.save_pretrained(folder)
-    return hf, GPT.from_pretrained(folder)
+    ours, _ = load_phi3(folder)
+    print(f"tiny Phi-3: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters")
+    return hf, ours
 
 
-# ---------------------------------------------------------------------------------------------------- benchmarks
-def bench_forward(cfg, hf, ours):
+# ----------------------------------------------------------------------------------------------------------
+# forward and generation: ours vs transformers
+
+def bench_forward(cfg, pair):
+    hf, ours = pair()
     x = torch.randint(3, cfg.vocab, (cfg.batch, cfg.forward_len))
-    n = x.numel()
     with torch.no_grad():
         t_ours, t_ref = timed_pair(lambda: ours(x), lambda: hf(x), cfg.repeats, cfg.clock)
-    return [result("forward (B=%d, T=%d)" % x.shape, n / t_ours, n / t_ref, "tokens/s")]
+    return [result("forward (B=%d, T=%d)" % x.shape, x.numel() / t_ours, x.numel() / t_ref, "tokens/s")]
 
 
-def bench_generate(cfg, hf, ours):
+def bench_generate(cfg, pair):
     """Exactly new_tokens per row (no stop tokens; HF forced with min_new_tokens), KV cache on both sides."""
+    hf, ours = pair()
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, cfg.vocab, (cfg.batch, cfg.prompt_len), generator=g)
-    n = cfg.batch * cfg.new_tokens
-    out = []
+    n, out = cfg.batch * cfg.new_tokens, []
     for name, temp in (("greedy", 0.0), ("sample T=1", 1.0)):
         kw = dict(do_sample=temp > 0, max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens,
                   pad_token_id=0, eos_token_id=None)
         if temp > 0:
             kw.update(temperature=temp, top_p=1.0, top_k=0)
         t_ours, t_ref = timed_pair(
-            lambda: generate(ours, prompts.tolist(), max_new_tokens=cfg.new_tokens, temperature=temp, generator=g),
-            lambda: hf.generate(prompts, attention_mask=torch.ones_like(prompts), **kw), cfg.repeats, cfg.clock)
+            lambda: generate(ours, prompts.tolist(), cfg.new_tokens, temperature=temp, generator=g),
+            lambda: hf.generate(prompts, attention_mask=torch.ones_like(prompts), **kw),
+            cfg.repeats, cfg.clock)
         out.append(result(f"generate {name} (B={cfg.batch}, prompt {cfg.prompt_len}, {cfg.new_tokens} new)",
                           n / t_ours, n / t_ref, "tokens/s"))
     return out
 
 
-# ---------------------------------------------------------------------------------------------------- training steps
-class NoStopTokenizer:
-    """The tokenizer with stop_ids = (): every response has exactly max_new_tokens tokens, as TRL's min_new_tokens
-    forces on the reference side (a random model would otherwise stop at random)."""
-    stop_ids = ()
+# ----------------------------------------------------------------------------------------------------------
+# training steps: train_lm's step functions (Nash-MD-PG vs TRL's NashMDTrainer)
 
-    def __init__(self, tok):
-        self.tok = tok
-
-    def __getattr__(self, name):
-        return getattr(self.tok, name)
-
-
-def step_task(cfg, n_prompts):
-    """A real-run Task (P = None: the model judges itself) with n_prompts chat prompts of exactly prompt_len ids."""
+def step_task(cfg, max_prompt_tokens):
+    """A ChatTask with cfg.batch chat prompts of exactly prompt_len ids and no stop ids (every response has
+    exactly max_new_tokens tokens, as TRL's min_new_tokens forces: a random model would stop at random)."""
     have_phi3 = (PHI3_TOKENIZER / "tokenizer.json").is_file()
-    tok = NoStopTokenizer(load_tokenizer(PHI3_TOKENIZER) if have_phi3 else tiny_tokenizer())
-    words = "the cat sat on a mat and the dog ran to see what was there in his red house by an old tree".split()
-    texts, ids = [], []
-    for i in range(n_prompts):
-        n = 1
-        while len(tok.encode(tok.chat(" ".join(words[i:i + n])), bos=True)) < cfg.prompt_len:
-            n += 1
-        text = " ".join(words[i:i + n])
-        x = tok.encode(tok.chat(text), bos=True)
-        if len(x) != cfg.prompt_len:      # the last word was several tokens: drop it, keep the chat tail intact
-            raise RuntimeError(f"could not build a {cfg.prompt_len}-token prompt from {text!r}; change the words")
-        texts.append(text), ids.append(x)
-    tok_name = "Phi-3 tokenizer" if have_phi3 else "tiny tokenizer (Phi-3 asset absent; judge text is shorter)"
-    return train_lm.Task(tok, texts, ids, None, None), tok_name
+    tok = load_tokenizer(PHI3_TOKENIZER) if have_phi3 else tiny_tokenizer()
+    s = "the cat sat on a mat and the dog ran to see what was there in his red house by an old tree"
+
+    def fit(a):                     # a text from s[a:] of exactly prompt_len ids: whole words if possible
+        ends = [b for b in range(a + 1, len(s) + 1) if s[b:b + 1] in ("", " ")] + list(range(a + 1, len(s)))
+        fits = (t for t in (s[a:b] for b in ends) if len(tok.chat(tok.encode(t))) == cfg.prompt_len)
+        return next(fits, None)
+    starts = [0] + [i + 1 for i, ch in enumerate(s) if ch == " "]
+    texts = list(itertools.islice(filter(None, map(fit, starts)), cfg.batch))
+    if len(texts) < cfg.batch:
+        raise RuntimeError(f"cannot cut {cfg.batch} prompts of {cfg.prompt_len} ids from {s!r}; change it")
+    task = tasks.ChatTask(tok, texts, max_prompt_tokens)
+    task.stop_ids = ()
+    assert all(len(p) == cfg.prompt_len for p in task.prompts)
+    return task, "Phi-3 tokenizer" if have_phi3 else "tiny tokenizer (Phi-3 asset absent: shorter judge text)"
 
 
-class StepProfile:
-    """Seconds inside train_lm.sample / judge / logprobs during a step, by wrapping the module's functions (the
-    step functions look them up at call time). CPU only: no device syncs needed for honest wall times."""
-    PARTS = {"sample": "generation", "judge": "judging", "logprobs": "log-prob forwards"}
+@contextmanager
+def step_profile(task):
+    """{part: seconds} inside generation, judging and log-prob forwards, by wrapping the functions in place:
+    the step functions look train_lm.sample and train_lm.score up in the module at call time, and judge is a
+    method of the task instance. CPU only: no device syncs needed for honest wall times."""
+    seconds, saved = {}, []
 
-    def __init__(self):
-        self.seconds = {part: 0.0 for part in self.PARTS.values()}
-
-    def __enter__(self):
-        self.saved = {name: getattr(train_lm, name) for name in self.PARTS}
-        for name, part in self.PARTS.items():
-            setattr(train_lm, name, self.timed(self.saved[name], part))
-        return self
-
-    def __exit__(self, *exc):
-        for name, fn in self.saved.items():
-            setattr(train_lm, name, fn)
-
-    def timed(self, fn, part):
+    def timed(fn, part):
         def wrapper(*a, **kw):
             t0 = time.perf_counter()
             try:
                 return fn(*a, **kw)
             finally:
-                self.seconds[part] += time.perf_counter() - t0
+                seconds[part] += time.perf_counter() - t0
         return wrapper
+    for obj, name, part in ((train_lm, "sample", "generation"), (task, "judge", "judging"),
+                            (train_lm, "score", "log-prob forwards")):
+        seconds[part] = 0.0
+        saved.append((obj, name, vars(obj).get(name)))      # None: a method of the class, not the instance
+        setattr(obj, name, timed(getattr(obj, name), part))
+    try:
+        yield seconds
+    finally:
+        for obj, name, fn in saved:
+            setattr(obj, name, fn) if fn is not None else delattr(obj, name)
 
 
 def our_steps(cfg, algo, T, n_steps):
-    """Seconds of each of n_steps training steps of train_lm's STEP[algo] + backward + AdamW (after one warm-up
-    step), with the median profile; tokens = sampled response tokens per step (train_lm's ntok)."""
-    tcfg = train_lm.resolve(train_lm.TrainConfig(model="phi3", algo=algo, batch_size=cfg.batch, samples=1,
-                                                 max_new_tokens=T, temperature=cfg.temperature,
-                                                 mix_beta=cfg.mix_beta,
-                                                 tau=cfg.tau if algo == "nash_md" else None), algo)
+    """Seconds of n_steps steps of ALGOS[algo].step + backward + AdamW (after one warm-up step), the median
+    step's profile, and the sampled response tokens per step (the step's ntok)."""
+    spec = train_lm.ALGOS[algo]
+    tcfg = train_lm.resolve(train_lm.TrainConfig(
+        model="phi3", batch_size=cfg.batch, samples=1, max_new_tokens=T, temperature=cfg.temperature,
+        mix_beta=cfg.mix_beta, tau=cfg.tau if algo == "nash_md_pg" else None), algo)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=cfg.vocab, n_layer=cfg.layers, n_head=cfg.heads, n_kv_head=cfg.heads,
-                          n_embd=cfg.hidden, intermediate_size=cfg.step_intermediate, block_size=4096))
-    for name in train_lm.ADAPTERS[algo]:
-        model.add_adapter(name, r=tcfg.lora_rank, alpha=2 * tcfg.lora_rank)
-    params = [p for name in train_lm.TRAINED[algo] for p in model.adapter_parameters(name)]
+                          n_embd=cfg.hidden, intermediate_size=cfg.step_intermediate))
+    for name in spec.adapters:
+        model.add_adapter(name, tcfg.lora_rank, 2 * tcfg.lora_rank)
+    params = [p for name in spec.adapters[:spec.trained] for p in model.lora_parameters(name)]
     opt = torch.optim.AdamW(params, lr=tcfg.lr, betas=(tcfg.adam_beta1, 0.999), weight_decay=0.0)
-    task, tok_name = step_task(cfg, cfg.batch)
-    gen = torch.Generator().manual_seed(0)
-    k = torch.arange(cfg.batch)
-    times, profiles, ntok = [], [], 0
+    task, tok_name = step_task(cfg, tcfg.max_prompt_tokens)
+    gen, k = torch.Generator().manual_seed(0), torch.arange(cfg.batch)      # prompt k of slot k
+
+    def rng(*shape):
+        return torch.rand(len(k), *shape, generator=gen)
+
+    times, profiles = [], []
     for step in range(n_steps + 1):
-        with StepProfile() as prof:
+        with step_profile(task) as prof:
             t0 = time.perf_counter()
-            loss, st = train_lm.STEP[algo](model, task, tcfg, k, gen, step)     # what train() does per step
+            loss, st = spec.step(model, task, tcfg, k, rng, step)              # what train() does per step
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             dt = time.perf_counter() - t0
-        if step > 0:                      # step 0 is the warm-up
+        if step > 0:                                                           # step 0 is the warm-up
             times.append(dt)
-            profiles.append(dict(prof.seconds, total=dt))
-            ntok = st["ntok"]
+            profiles.append(dict(prof, total=dt))
     mid = sorted(profiles, key=lambda p: p["total"])[len(profiles) // 2]
-    mid["loss+backward+optimizer"] = mid["total"] - sum(mid[p] for p in StepProfile.PARTS.values())
-    return times, mid, ntok, tok_name
+    mid["loss+backward+optimizer"] = mid["total"] - sum(v for p, v in mid.items() if p != "total")
+    return times, mid, int(st["ntok"]), tok_name
 
 
-def print_profile(name, prof):
-    parts = [p for p in prof if p != "total"]
-    print(f"  profile {name}: {prof['total']:.3f} s = " +
-          " + ".join(f"{p} {prof[p]:.3f} ({100 * prof[p] / prof['total']:.0f}%)" for p in parts))
-
-
-def bench_steps(cfg, hf=None, ours=None):
+def bench_steps(cfg, pair=None):
     """One full training step per algorithm. Nash-MD-PG against TRL's NashMDTrainer (bench_trl.py) when trl is
     installed; LANA and INPO have no peer (absolute numbers). Ratio: TRL seconds / our seconds."""
     out, have_trl = [], importlib.util.find_spec("trl") is not None
     for T in cfg.step_tokens:
-        for algo in ("nash_md", "lana", "inpo"):
+        for algo in LABELS:
             times, prof, ntok, tok_name = our_steps(cfg, algo, T, cfg.steps)
             ours_s = statistics.median(times)
-            label = {"nash_md": "Nash-MD-PG", "lana": "LANA", "inpo": "INPO"}[algo]
-            name = f"{label} train step (B={cfg.batch}, prompt {cfg.prompt_len}, {T} new)"
-            notes = (f"ours: train_lm.STEP[{algo!r}] + backward + AdamW, LoRA r=16 on a random Phi-3 (hidden "
-                     f"{cfg.hidden}, {cfg.layers} layers, {cfg.heads} heads, intermediate {cfg.step_intermediate}, "
-                     f"vocab {cfg.vocab}), {tok_name}, self-judge (the base reads a judge prompt), temperature "
-                     f"{cfg.temperature}; median of {cfg.steps} steps ({', '.join(f'{t:.2f}' for t in times)} s); "
-                     f"{ntok} sampled tokens/step = {ntok / ours_s:.0f} tokens/s")
+            name = f"{LABELS[algo]} train step (B={cfg.batch}, prompt {cfg.prompt_len}, {T} new)"
+            notes = (f"ours: train_lm.ALGOS[{algo!r}].step + backward + AdamW, LoRA r=16 on a random Phi-3 "
+                     f"(hidden {cfg.hidden}, {cfg.layers} layers, {cfg.heads} heads, intermediate "
+                     f"{cfg.step_intermediate}, vocab {cfg.vocab}), {tok_name}, self-judge (the model reads "
+                     f"a judge prompt), temperature {cfg.temperature}; median of {cfg.steps} steps "
+                     f"({', '.join(f'{t:.2f}' for t in times)} s); {ntok} sampled tokens/step = "
+                     f"{ntok / ours_s:.0f} tokens/s" +
+                     (f"; mixture coefficient {cfg.mix_beta}, tau {cfg.tau}" if algo == "nash_md_pg" else ""))
             r = dict(name=name, ours=ours_s, reference=None, ratio=None, unit="s/step", notes=notes,
-                     profile={part: round(sec, 4) for part, sec in prof.items()})     # seconds of the median step
-            if algo == "nash_md":
-                r["notes"] += f"; mixture coefficient {cfg.mix_beta}, tau {cfg.tau}"
-                if not have_trl:
-                    r["notes"] += ("; reference skipped: trl not installed (use .venv-bench: "
-                                   "pip install -r requirements-bench.txt)")
-                else:
-                    from bench_trl import trl_nash_md_step
-                    ref = trl_nash_md_step(hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, vocab=cfg.vocab,
-                                           batch=cfg.batch, prompt_len=cfg.prompt_len, new_tokens=T,
-                                           mixture_coef=cfg.mix_beta, steps=cfg.trl_steps, threads=cfg.threads)
-                    torch.set_num_threads(cfg.threads)
-                    # ours again after TRL: load from other jobs drifts, so both sides see before and after
-                    after, _, _, _ = our_steps(cfg, algo, T, cfg.steps)
-                    times += after
-                    ours_s = statistics.median(times)
-                    r.update(ours=ours_s, reference=ref["seconds_per_step"], ratio=ref["seconds_per_step"] / ours_s)
-                    r["notes"] += (f"; ours timed before and after TRL, median of {len(times)} steps "
-                                   f"({', '.join(f'{t:.2f}' for t in times)} s)")
-                    r["notes"] += ("; reference: TRL NashMDTrainer, full fine-tuning, judge = a same-shape reward "
-                                   "model (Bradley-Terry), TRL defaults (gradient checkpointing on, so no KV cache) "
-                                   f"-- {ref['notes']}")
-            print_profile(name, prof)
+                     profile={part: round(sec, 4) for part, sec in prof.items()})    # the median step
+            if algo == "nash_md_pg" and not have_trl:
+                r["notes"] += "; reference skipped: trl not installed (.venv-bench, requirements-bench.txt)"
+            elif algo == "nash_md_pg":
+                from bench_trl import trl_nash_md_step
+                ref = trl_nash_md_step(hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, vocab=cfg.vocab,
+                                       batch=cfg.batch, prompt_len=cfg.prompt_len, new_tokens=T,
+                                       mixture_coef=cfg.mix_beta, steps=cfg.trl_steps, threads=cfg.threads)
+                torch.set_num_threads(cfg.threads)
+                times += our_steps(cfg, algo, T, cfg.steps)[0]     # ours again: load drifts, so both sides
+                ours_s = statistics.median(times)                  # see before and after
+                trl_s = ref["seconds_per_step"]
+                r.update(ours=ours_s, reference=trl_s, ratio=trl_s / ours_s)
+                r["notes"] += (f"; ours timed before and after TRL, median of {len(times)} steps "
+                               f"({', '.join(f'{t:.2f}' for t in times)} s); reference: TRL NashMDTrainer, "
+                               "full fine-tuning, judge = a same-shape reward model (Bradley-Terry), TRL "
+                               f"defaults (gradient checkpointing on, so no KV cache) -- {ref['notes']}")
+            print(f"  profile {name}: {prof['total']:.3f} s = " + " + ".join(
+                f"{p} {s:.3f} ({100 * s / prof['total']:.0f}%)" for p, s in prof.items() if p != "total"))
             out.append(r)
     return out
 
 
-BENCHMARKS = [bench_forward, bench_generate, bench_steps]
+# ----------------------------------------------------------------------------------------------------------
+# memory of one step: ours vs the peers' layout, Phi-3-mini at LANA's paper settings
+
+def param_counts(c, r):
+    """(base, one LoRA adapter) parameter counts of model.py's Phi-3 (no biases, untied lm_head): embed V·C +
+    lm_head C·V + final norm C + per layer qkv C·(C + 2·kv·hd), o C·C, gate_up C·2I, down I·C and 2 norms 2C.
+    LoRA on Linear(in, out) adds A (r, in) + B (out, r); the adapters target all four Linears."""
+    C, I, hd = c.n_embd, c.intermediate_size, c.n_embd // c.n_head
+    shapes = [(C, C + 2 * c.n_kv_head * hd), (C, C), (C, 2 * I), (I, C)]
+    base = 2 * c.vocab_size * C + C + c.n_layer * (sum(i * o for i, o in shapes) + 2 * C)
+    return base, c.n_layer * sum(r * (i + o) for i, o in shapes)
 
 
-# ---------------------------------------------------------------------------------------------------- load RSS
+def bench_memory(cfg, pair=None):
+    """Bytes of one LANA step (GB = 1e9): ours (train_lm.memory: one base, the players as LoRA adapters) vs
+    the peers' naive layout: policy, reference and opponent (LANA: 2 players + reference) as 3 full copies,
+    the trained ones fully fine-tuned with mixed-precision AdamW (gradients in the compute dtype, fp32 master
+    weights and m, v: 12 bytes per trained parameter), the same transients (a full fine-tune keeps somewhat
+    different activations; not modelled). No timing."""
+    small, model = GPTConfig.from_name("tiny"), GPT(GPTConfig.from_name("tiny"))    # param_counts vs model.py
+    counted = sum(p.numel() for p in model.parameters())
+    model.add_adapter("a", 16, 32)
+    counted = counted, sum(p.numel() for p in model.lora_parameters("a"))
+    assert counted == param_counts(small, 16), f"param_counts {param_counts(small, 16)} != model.py {counted}"
+    algo, c, nbytes = train_lm.ALGOS["lana"], GPTConfig.from_name("phi3-mini"), 2       # bf16
+    tcfg = train_lm.resolve(train_lm.TrainConfig(model="phi3", batch_size=4, samples=1, max_prompt_tokens=256,
+                                                 max_new_tokens=128, lora_rank=16), "lana")
+    ours, (base, lora) = train_lm.memory(c, tcfg, nbytes), param_counts(c, tcfg.lora_rank)
+    naive = dict(base=3 * base * nbytes, adapters=algo.trained * base * (nbytes + 12),
+                 kv_cache=ours["kv_cache"], activations=ours["activations"])
+    naive["total"] = naive["base"] + naive["adapters"] + max(naive["kv_cache"], naive["activations"])
+    want = dict(base=base * nbytes, adapters=4 * lora * len(algo.adapters) + 12 * lora * algo.trained)
+    off = "".join(f"; train_lm.memory's {k} {ours[k] / 1e9:.3f} GB != {v / 1e9:.3f} GB from param_counts"
+                  for k, v in want.items() if ours[k] != v)
+    gb = "{base:.2f} + {adapters:.2f} + max({kv_cache:.2f}, {activations:.2f}) = {total:.2f}".format
+    ours_gb, naive_gb = (gb(**{k: v / 1e9 for k, v in d.items()}) for d in (ours, naive))
+    notes = (f"Phi-3-mini ({base / 1e9:.2f}B parameters, {lora / 1e6:.1f}M per adapter, r 16), bf16, LANA, "
+             f"batch 4, 256 + 128 tokens; GB = weights + trained state + max(KV cache, activations): ours "
+             f"{ours_gb}, naive {naive_gb} ({algo.trained} of 3 full copies fine-tuned, mixed-precision "
+             f"AdamW: 2 + 12 bytes per parameter); param_counts = model.py's count on the tiny config{off}")
+    return [result("memory of a LANA step, Phi-3-mini (B=4, 256+128 tokens)", ours["total"] / 1e9,
+                   naive["total"] / 1e9, "GB", higher_is_better=False, notes=notes)]
+
+
+BENCHMARKS = [bench_forward, bench_generate, bench_steps, bench_memory]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --load-rss: peak memory while loading a checkpoint, in a fresh process
+
 RSS_CHILD = """
-import sys, time, torch
-def hwm():
-    for line in open('/proc/self/status'):
-        if line.startswith('VmHWM'):
-            return int(line.split()[1]) * 1024
-import model
-base = hwm()
-t0 = time.perf_counter()
-m = model.GPT.from_pretrained(sys.argv[1])
-touched = sum(float(p.sum()) for p in m.parameters())   # safetensors may hand out lazy mmap views: read them all
-print(base, hwm(), time.perf_counter() - t0, sum(p.numel() * p.element_size() for p in m.parameters()))
+import sys, time, weights
+peak = lambda: int(next(s for s in open('/proc/self/status') if s.startswith('VmHWM')).split()[1]) * 1024
+base, t0 = peak(), time.perf_counter()
+m, _ = weights.load_phi3(sys.argv[1])
+touched = sum(float(p.sum()) for p in m.parameters())   # lazy mmap views, if any: read them all
+print(base, peak(), time.perf_counter() - t0)
 """
 
 
 def bench_load_rss(cfg):
-    """Peak RSS while loading a ~rss_gb GB float32 checkpoint in a fresh process, over the checkpoint size.
-    Building on the meta device and reading tensor by tensor should give ~1x (a naive load gives 2x)."""
-    from safetensors.torch import save_file
+    """Peak RSS growth while loading a ~1 GiB float32 checkpoint in a fresh process, over the checkpoint size,
+    against the ideal 1.0x. Building on the meta device and reading tensor by tensor should give ~1x (a naive
+    load gives 2x)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
     hidden, inter, vocab = 2048, 5632, 32064
     per_layer = 4 * (hidden * 3 * hidden + hidden * hidden + 3 * hidden * inter + 2 * hidden)
-    layers = max(1, int((cfg.rss_gb * 2**30 - 4 * 2 * vocab * hidden) // per_layer))
+    layers = max(1, (2**30 - 4 * 2 * vocab * hidden) // per_layer)
     with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "config.json").write_text(json.dumps(dict(
-            model_type="phi3", vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
-            num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=512,
-            rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)))
-        sd = {"model.embed_tokens.weight": torch.randn(vocab, hidden), "lm_head.weight": torch.randn(vocab, hidden),
-              "model.norm.weight": torch.ones(hidden)}
-        for i in range(layers):
-            p = f"model.layers.{i}."
-            sd.update({p + "input_layernorm.weight": torch.ones(hidden),
-                       p + "post_attention_layernorm.weight": torch.ones(hidden),
-                       p + "self_attn.qkv_proj.weight": torch.randn(3 * hidden, hidden),
-                       p + "self_attn.o_proj.weight": torch.randn(hidden, hidden),
-                       p + "mlp.gate_up_proj.weight": torch.randn(2 * inter, hidden),
-                       p + "mlp.down_proj.weight": torch.randn(hidden, inter)})
-        save_file(sd, str(Path(d) / "model.safetensors"))
-        del sd
-        size = (Path(d) / "model.safetensors").stat().st_size
+        Phi3ForCausalLM(Phi3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                                   num_hidden_layers=layers, num_attention_heads=16,
+                                   max_position_embeddings=512, tie_word_embeddings=False)).save_pretrained(d)
+        size = sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))
         out = subprocess.run([sys.executable, "-c", RSS_CHILD, d], capture_output=True, text=True, check=True,
                              cwd=Path(__file__).parent)
-        base, peak, secs, weights = map(float, out.stdout.split()[-4:])
+        base, peak, secs = map(float, out.stdout.split()[-3:])
     ratio = (peak - base) / size
     print(f"load-rss: checkpoint {size / 2**30:.2f} GiB ({layers} layers), peak RSS growth "
           f"{(peak - base) / 2**30:.2f} GiB = {ratio:.2f}x the checkpoint, load {secs:.1f}s")
-    # no reference side: report against the ideal 1.0x (ratio > 1 would mean better than holding it once)
-    return [dict(name="load peak RSS / checkpoint size", ours=ratio, reference=1.0, ratio=1.0 / ratio, unit="x")]
+    return [result("load peak RSS / checkpoint size", ratio, 1.0, "x", higher_is_better=False)]
 
 
-# ---------------------------------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------------------------------------
+# main
+
 def fmt(x):
     return "-" if x is None else f"{x:.3f}" if x < 10 else f"{x:.1f}"
 
@@ -332,24 +359,22 @@ def table(results):
     lines = [f"{'benchmark':<58} {'ours':>10} {'reference':>10} {'unit':<9} {'ratio':>7}"]
     for r in results:
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-        lines.append(f"{r['name']:<58} {fmt(r['ours']):>10} {fmt(r['reference']):>10} {r['unit']:<9} {ratio:>7}")
+        lines.append(f"{r['name']:<58} {fmt(r['ours']):>10} {fmt(r['reference']):>10} {r['unit']:<9} "
+                     f"{ratio:>7}")
     return "\n".join(lines)
 
 
-def main(cfg: BenchConfig, json_path=None, load_rss=False, only=None):
+def main(cfg, json_path=None, load_rss=False, only=None):
     torch.set_num_threads(cfg.threads)
-    print(f"bench: {cfg}")
+    print(f"bench: {cfg}\ntorch {torch.__version__}, {cfg.threads} threads, {cfg.clock} clock, "
+          f"load {os.getloadavg()[0]:.1f}")
     benches = [b for b in BENCHMARKS if not only or any(o in b.__name__ for o in only)]
     results = []
     with tempfile.TemporaryDirectory() as d:
-        hf, ours = tiny_pair(cfg, d)
-        print(f"tiny Phi-3: {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters, "
-              f"torch {torch.__version__}, {cfg.threads} threads, {cfg.clock} clock, load {os.getloadavg()[0]:.1f}")
+        pair = functools.cache(lambda: tiny_pair(cfg, d))        # built when a benchmark first needs it
         for bench in benches:
-            for r in bench(cfg, hf, ours):
-                ratio = "" if r["ratio"] is None else f"  ratio {r['ratio']:.2f}x"
-                print(f"{r['name']:<58} ours {fmt(r['ours']):>9}  ref {fmt(r['reference']):>9} {r['unit']:<9}{ratio}",
-                      flush=True)
+            for r in bench(cfg, pair):
+                print(table([r]).splitlines()[1], flush=True)
                 results.append(r)
     if load_rss:
         results += bench_load_rss(cfg)
@@ -365,28 +390,19 @@ def main(cfg: BenchConfig, json_path=None, load_rss=False, only=None):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", help="write the results (a list of {name, ours, reference, ratio, unit, notes})")
+    ap.add_argument("--json", help="write the results ([{name, ours, reference, ratio, unit, notes}])")
     ap.add_argument("--quick", action="store_true",
-                    help="fast sanity run: 32-token generation, 8-token training steps, 2 repeats, 1 TRL step")
-    ap.add_argument("--only", nargs="+", help="run only benchmarks whose function name contains one of these "
-                                              "(forward, generate, steps)")
-    ap.add_argument("--load-rss", action="store_true", help="also measure peak RSS while loading a ~1 GB checkpoint")
-    ap.add_argument("--new-tokens", type=int, default=None,
-                    help=f"new tokens of the generation benchmark (default {BenchConfig.new_tokens})")
-    ap.add_argument("--step-tokens", type=int, nargs="+", default=None,
-                    help=f"new tokens of the training-step benchmarks (default {BenchConfig.step_tokens[0]}; "
-                         "128 is the real run's length: TRL then takes minutes)")
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=None, help="timed training steps of ours per algorithm")
+                    help="sanity run: 32-token generation, 8-token training steps, 2 repeats, 1 TRL step")
+    ap.add_argument("--only", nargs="+", help="run only the benchmarks whose function name contains one of "
+                                              "these (forward, generate, steps, memory; none: no benchmark)")
+    ap.add_argument("--load-rss", action="store_true", help="also: peak RSS while loading a ~1 GB checkpoint")
+    ap.add_argument("--step-tokens", type=int, nargs="+", help="new tokens of the training steps (default "
+                    f"{BenchConfig.step_tokens[0]}; 128 is the real run's: TRL then takes minutes)")
     ap.add_argument("--threads", type=int, default=BenchConfig.threads)
     ap.add_argument("--clock", choices=("wall", "cpu"), default=BenchConfig.clock)
     args = ap.parse_args()
-    cfg = BenchConfig(threads=args.threads, clock=args.clock)
-    if args.quick:
-        cfg = BenchConfig(threads=args.threads, clock=args.clock, new_tokens=32, forward_len=32, repeats=2,
-                          step_tokens=(8,), steps=2, trl_steps=1)
-    for key, value in (("new_tokens", args.new_tokens), ("repeats", args.repeats), ("steps", args.steps),
-                       ("step_tokens", tuple(args.step_tokens or ()) or None)):
-        if value is not None:
-            setattr(cfg, key, value)
+    quick = dict(new_tokens=32, forward_len=32, repeats=2, step_tokens=(8,), steps=2, trl_steps=1)
+    cfg = BenchConfig(threads=args.threads, clock=args.clock, **(quick if args.quick else {}))
+    if args.step_tokens:
+        cfg.step_tokens = tuple(args.step_tokens)
     main(cfg, args.json, args.load_rss, args.only)

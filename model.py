@@ -81,19 +81,21 @@ class LoRALinear(nn.Linear):
 
         y = x Wᵀ + ((x Aᵀ) ⊙ gate) Bᵀ,   A = [A_1; A_2; ...] (R, in),  B = [B_1 B_2 ...] (out, R),  R = Σ r_a
 
-    gate (B, 1, R) holds, for each row, α/r on the r columns of the adapter that row uses and 0 elsewhere, so
-    rows of one batch can use different adapters (two LANA players, or π_t and μ, in one forward pass).
+    lora = (names, gate): the adapters some row uses, and gate (B, 1, R) with, for each row, α/r on the r
+    columns of that row's adapter and 0 elsewhere, so rows of one batch can use different adapters (two LANA
+    players, or π_t and μ, in one forward pass). Adapters no row uses are not computed at all.
     A_a ~ kaiming_uniform(a=√5), B_a = 0 (PEFT's init). Adapters are float32 on any base dtype, as in PEFT."""
     def __init__(self, in_features, out_features):
         super().__init__(in_features, out_features, bias=False)
         self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
 
-    def forward(self, x, gate=None):
+    def forward(self, x, lora=None):
         y = F.linear(x, self.weight)
-        if gate is None:
+        if lora is None:
             return y
-        A = torch.cat(tuple(self.lora_A.values()))                       # (R, in)
-        B = torch.cat(tuple(self.lora_B.values()), 1)                    # (out, R)
+        names, gate = lora
+        A = torch.cat([self.lora_A[n] for n in names])                   # (R, in)
+        B = torch.cat([self.lora_B[n] for n in names], 1)                # (out, R)
         return y + F.linear(F.linear(x.to(A.dtype), A) * gate, B).to(x.dtype)
 
 
@@ -104,10 +106,10 @@ class Attention(nn.Module):
         self.qkv_proj = LoRALinear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * self.hs)    # W = [q; k; v]
         self.o_proj = LoRALinear(cfg.n_embd, cfg.n_embd)
 
-    def forward(self, x, cos, sin, mask, cache, gate):
+    def forward(self, x, cos, sin, mask, cache, lora):
         B, T, C = x.shape
         H, Hkv = self.n_head, self.n_kv_head
-        qkv = self.qkv_proj(x, gate).view(B, T, H + 2 * Hkv, self.hs)        # (B, T, H + 2Hkv, hs)
+        qkv = self.qkv_proj(x, lora).view(B, T, H + 2 * Hkv, self.hs)        # (B, T, H + 2Hkv, hs)
         qk, v = qkv.split([H + Hkv, Hkv], dim=2)
         q, k = apply_rope(qk, cos, sin).split([H, Hkv], dim=2)                 # rotate q and k in one call
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)      # (B, nh, T, hs)
@@ -115,7 +117,7 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v)                              # (B, Hkv, L, hs), all keys so far
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=Hkv != H)               # (B, H, T, hs)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, C), gate)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C), lora)
 
 
 class MLP(nn.Module):
@@ -125,9 +127,9 @@ class MLP(nn.Module):
         self.gate_up_proj = LoRALinear(cfg.n_embd, 2 * cfg.intermediate_size)
         self.down_proj = LoRALinear(cfg.intermediate_size, cfg.n_embd)
 
-    def forward(self, x, gate):
-        g, up = self.gate_up_proj(x, gate).chunk(2, dim=-1)                   # (B, T, I) each
-        return self.down_proj(F.silu(g) * up, gate)
+    def forward(self, x, lora):
+        g, up = self.gate_up_proj(x, lora).chunk(2, dim=-1)                   # (B, T, I) each
+        return self.down_proj(F.silu(g) * up, lora)
 
 
 class Block(nn.Module):
@@ -138,9 +140,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache, gate):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, gate)
-        return x + self.mlp(self.post_attention_layernorm(x), gate)
+    def forward(self, x, cos, sin, mask, cache, lora):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, lora)
+        return x + self.mlp(self.post_attention_layernorm(x), lora)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -189,12 +191,12 @@ class GPT(nn.Module):
         x = self.model.embed_tokens(idx)                                        # (B, T, C)
         cos = self.cos[pos].to(x.dtype)[:, :, None]                             # (B, T, 1, hs)
         sin = self.sin[pos].to(x.dtype)[:, :, None]
-        gate = adapters if isinstance(adapters, torch.Tensor) else self.lora_gate(adapters, B, x.device)
+        lora = adapters if isinstance(adapters, tuple) else self.lora_gate(adapters, B, x.device)
         for block in self.model.layers:
             if self.checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, attn, cache, gate, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, attn, cache, lora, use_reentrant=False)
             else:
-                x = block(x, cos, sin, attn, cache, gate)
+                x = block(x, cos, sin, attn, cache, lora)
         return self.model.norm(x)
 
     def forward(self, idx, adapters=None, cache=None, mask=None, last_only=False):
@@ -207,10 +209,11 @@ class GPT(nn.Module):
 
     def add_adapter(self, name, r=16, alpha=32):
         """A new adapter on qkv_proj, o_proj, gate_up_proj and down_proj of every layer; freezes the base."""
-        if name in self.adapters or not isinstance(name, str) or not name.isidentifier():
-            raise ValueError(f"adapter name {name!r} exists already or is not an identifier")
+        if name in self.adapters or not str(name).isidentifier() or hasattr(nn.ParameterDict, name):
+            raise ValueError(f"adapter name {name!r} exists already, or is not an identifier, or is taken")
         for n, p in self.named_parameters():
-            p.requires_grad_("lora_" in n)
+            if "lora_" not in n:
+                p.requires_grad_(False)
         for m in self.lora_layers():
             A = torch.empty(r, m.in_features, device=m.weight.device)
             nn.init.kaiming_uniform_(A, a=5 ** 0.5)
@@ -226,20 +229,21 @@ class GPT(nn.Module):
         return [d[name] for m in self.lora_layers() for d in (m.lora_A, m.lora_B)]
 
     def lora_gate(self, adapters, B, device):
-        """adapters -> the (B, 1, R) gate of LoRALinear, or None when no row uses an adapter.
+        """adapters -> (used adapter names, gate (B, 1, R)) for LoRALinear, or None when no row uses one.
         adapters: None (the base), a name (every row), or a list with one name or None per row. Every call of
-        the model takes such an `adapters` argument, or the gate itself (generate builds it once)."""
+        the model takes such an `adapters` argument, or its lora_gate (generate builds it once)."""
         names = [adapters] * B if adapters is None or isinstance(adapters, str) else list(adapters)
-        unknown = set(names) - set(self.adapters) - {None}
-        if len(names) != B or unknown:
+        if len(names) != B or set(names) - set(self.adapters) - {None}:
             raise ValueError(f"need one adapter per row ({B}) from {list(self.adapters)}; got {names}")
-        if all(n is None for n in names):
+        used = [a for a in self.adapters if a in names]
+        if not used:
             return None
-        gate, col = torch.zeros(B, 1, sum(r for r, _ in self.adapters.values())), 0
-        for name, (r, alpha) in self.adapters.items():
-            gate[[b for b, n in enumerate(names) if n == name], :, col:col + r] = alpha / r
+        gate, col = torch.zeros(B, 1, sum(self.adapters[a][0] for a in used)), 0
+        for a in used:
+            r, alpha = self.adapters[a]
+            gate[[b for b, n in enumerate(names) if n == a], :, col:col + r] = alpha / r
             col += r
-        return gate.to(device)
+        return used, gate.to(device)
 
     @torch.no_grad()
     def copy_adapter(self, src, dst):
@@ -336,7 +340,7 @@ def generate(model, prompts, max_new_tokens, *, adapters=None, mix_beta=0.0, mix
     beta = torch.as_tensor(mix_beta, dtype=torch.float32, device=device).expand(B)[:, None]   # (B, 1)
     twins = (beta[:, 0] > 0).nonzero().squeeze(1)                        # (M,) rows that mix
     names = [adapters] * B if adapters is None or isinstance(adapters, str) else list(adapters)
-    gate = model.lora_gate(names + [mix_adapter] * len(twins), B + len(twins), device)    # built once
+    lora = model.lora_gate(names + [mix_adapter] * len(twins), B + len(twins), device)    # built once
     u = torch.rand(B, N, generator=generator, device=device) if uniforms is None else uniforms.to(device)
     bias = None if vocab is None else torch.full((model.config.vocab_size,), float("-inf"), device=device)
     if bias is not None:
@@ -349,7 +353,7 @@ def generate(model, prompts, max_new_tokens, *, adapters=None, mix_beta=0.0, mix
     def next_logits(x, m):                                               # (B, T) -> next-token logits (B, V)
         if len(twins):                                                   # a twin sees what its row sees
             x, m = torch.cat((x, x[twins])), torch.cat((m, m[twins]))
-        logits = model(x, gate, cache, m, last_only=True)[:, -1].float()             # (B + M, V)
+        logits = model(x, lora, cache, m, last_only=True)[:, -1].float()             # (B + M, V)
         lp = logits[:B].log_softmax(-1)
         if len(twins):
             lp[twins] = (1 - beta[twins]) * lp[twins] + beta[twins] * logits[B:].log_softmax(-1)
@@ -367,6 +371,7 @@ def generate(model, prompts, max_new_tokens, *, adapters=None, mix_beta=0.0, mix
             logits = next_logits(nxt[:, None], torch.ones_like(nxt[:, None]))
     if not bool(finite):
         raise FloatingPointError("the model produced non-finite logits while sampling: its weights diverged")
+    n = int(mask[:, Tp:Tp + n].any(0).sum())                             # columns some row used
     tokens, mask = tokens[:, :Tp + n], mask[:, :Tp + n]
     resp = mask.clone()
     resp[:, :Tp] = 0
@@ -386,9 +391,12 @@ def sequence_logprobs(model, tokens, mask, resp, adapters=None, vocab=None):
     rows = torch.arange(tokens.size(0), device=tokens.device)[:, None].expand_as(sel)[sel]     # (N,)
     target = tokens[:, 1:][sel]                                           # (N,)
     W = model.lm_head.weight
+    inside = torch.ones_like(target, dtype=torch.bool)
     if vocab is not None:
-        vocab = torch.as_tensor(vocab, device=W.device)
-        W, target = W[vocab], (target[:, None] == vocab).float().argmax(-1)   # ids -> positions in vocab
+        vocab = torch.as_tensor(vocab, device=W.device).unique()
+        hit = target[:, None] == vocab                                    # (N, A)
+        W, target, inside = W[vocab], hit.float().argmax(-1), hit.any(-1)  # ids -> positions in vocab
     logits = F.linear(h[:, :-1][sel], W).float()                          # (N, V)
     logp = logits.gather(-1, target[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    logp = logp.masked_fill(~inside, float("-inf"))                       # outside vocab: probability 0
     return torch.zeros(tokens.size(0), device=tokens.device).index_add(0, rows, logp)

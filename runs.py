@@ -262,6 +262,6 @@ def all_reduce(params, values, shard):
     flat = torch.cat([g.flatten() for g in grads] + [values])
     dist.all_reduce(flat)
     flat /= shard.world
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
+    for p, g in zip(params, flat[:-len(values)].split([p.numel() for p in params])):
         p.grad = g.view_as(p)
     return flat[-len(values):]

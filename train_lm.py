@@ -370,7 +370,7 @@ def memory(c, cfg, dtype_bytes=2):
     lora = L * cfg.lora_rank * (C + (C + 2 * c.n_kv_head * hd) + 2 * C + C + 2 * I + I + C)
     per_tok = (3 * C + 3 * c.n_kv_head * hd + 3 * I) * dtype_bytes + (5 * C + I + 4 * R) * 4
     gen_rows, graph_rows = algo.rows
-    d = dict(base=dtype_bytes * (2 * V * C + C + L * (C * (3 * C + 2 * c.n_kv_head * hd) + 3 * C * I + 2 * C)),
+    d = dict(base=dtype_bytes * (2 * V * C + C + L * (C * (2 * C + 2 * c.n_kv_head * hd) + 3 * C * I + 2 * C)),
              adapters=4 * lora * len(algo.adapters) + 12 * lora * algo.trained,
              kv_cache=gen_rows * B * T * L * 2 * c.n_kv_head * hd * dtype_bytes,
              activations=graph_rows * B * (T * L * per_tok + N * V * 4))
@@ -441,7 +441,7 @@ def main(cfg, shard=Shard()):
     if cfg.dry_run or cfg.eval:
         if shard.world > 1:
             raise UserError("--eval and --dry_run run in one process: start them with python, not torchrun")
-        return {name: (dry_run if cfg.dry_run else evaluate)(sub, Path(cfg.out_dir) / name) for name, sub in runs}
+        return {name: dry_run(sub) if cfg.dry_run else evaluate(sub, Path(cfg.out_dir) / name) for name, sub in runs}
     logs = {name: train(sub, Path(cfg.out_dir) / name, shard) for name, sub in runs}
     if cfg.model == "tiny" and shard.rank == 0:
         print("\nexact gap of the LM policy, mean over prompts (DualGap_τ, τ = 0.1; LANA: DualGap_0):")

@@ -44,7 +44,7 @@ def find_checkpoint(path):
     snaps = sorted((repo / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime)
     ref = repo / "refs" / "main"
     rev = ref.read_text().strip() if ref.is_file() else ""
-    if rev and not re.fullmatch(r"[\w.-]+", rev):         # a revision name, never a path out of the cache
+    if rev and not re.fullmatch(r"\w[\w.-]*", rev):        # a revision name, never a path out of the cache
         raise CheckpointError(f"{ref} holds {rev[:80]!r}, not a revision name; delete the file")
     snap = repo / "snapshots" / rev if rev and (repo / "snapshots" / rev).is_dir() else (snaps or [None])[-1]
     if snap is None or not (snap / "config.json").is_file():
@@ -60,17 +60,18 @@ def model_name(folder):
     return f"{m.group(1)}/{m.group(2)}" if m else Path(folder).resolve().name
 
 
-# (config.json key, GPTConfig field, type, range); the first three keys may be absent and take these defaults
+# (config.json key, GPTConfig field, type, range), checked in this order; the last four have defaults
 CONFIG_KEYS = [
-    ("num_key_value_heads", "n_kv_head", int, (1, 1024)),
-    ("rope_theta", "rope_base", float, (1.0, 1e9)),
-    ("rms_norm_eps", "norm_eps", float, (1e-12, 0.1)),
     ("vocab_size", "vocab_size", int, (2, 1_000_000)),
     ("num_hidden_layers", "n_layer", int, (1, 1024)),
     ("num_attention_heads", "n_head", int, (1, 1024)),
     ("hidden_size", "n_embd", int, (2, 65536)),
     ("intermediate_size", "intermediate_size", int, (1, 262144)),
     ("max_position_embeddings", "block_size", int, (1, 1 << 20)),
+    ("num_key_value_heads", "n_kv_head", int, (1, 1024)),
+    ("rope_theta", "rope_base", float, (1.0, 1e9)),
+    ("rms_norm_eps", "norm_eps", float, (1e-12, 0.1)),
+    ("sliding_window", "sliding_window", int, (1, 1 << 20)),
 ]
 
 
@@ -85,6 +86,8 @@ def read_config(file):
     if d.get("model_type") != "phi3":
         raise CheckpointError(f"{file}: model_type is {d.get('model_type')!r}; only Phi-3 ('phi3') is supported")
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"{file}: rope_scaling / rope_parameters must be an object; config.json is damaged")
     kind = rope.get("rope_type", rope.get("type")) or "default"
     if kind != "default" or rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
         raise CheckpointError(f"{file}: rope type {kind!r} (long-context Phi-3, e.g. -128k) is not supported; "
@@ -92,24 +95,25 @@ def read_config(file):
     if d.get("tie_word_embeddings") or d.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{file}: tied embeddings or hidden_act != silu is not the Phi-3 layout")
     d = {**d, "rope_theta": rope.get("rope_theta", d.get("rope_theta", 10000.0))}
-    d.setdefault("rms_norm_eps", 1e-5), d.setdefault("num_key_value_heads", d.get("num_attention_heads"))
+    for key, default in (("rms_norm_eps", 1e-5), ("num_key_value_heads", d.get("num_attention_heads")),
+                         ("sliding_window", d.get("max_position_embeddings"))):
+        d[key] = default if d.get(key) is None else d[key]
     fields = {}
     for key, field, typ, (lo, hi) in CONFIG_KEYS:
         v = d.get(key)
         if v is None:
             raise CheckpointError(f"{file}: key {key!r} is missing; re-download config.json")
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (typ is int and v != int(v)) \
-                or not (lo <= v <= hi):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo <= v <= hi) \
+                or (typ is int and v != int(v)):
             raise CheckpointError(f"{file}: {key} = {v!r} must be a{'n integer' if typ is int else ' number'} "
                                   f"in [{lo:g}, {hi:g}]; config.json is damaged")
         fields[field] = typ(v)
-    c = GPTConfig(**fields)
+    c = GPTConfig(**{k: v for k, v in fields.items() if k != "sliding_window"})
     hs = c.n_embd // c.n_head
     if c.n_embd % c.n_head or c.n_head % c.n_kv_head or hs % 2:
         raise CheckpointError(f"{file}: hidden_size {c.n_embd}, {c.n_head} heads and {c.n_kv_head} key-value "
                               "heads must divide evenly into heads of even size")
-    window = d.get("sliding_window") or c.block_size       # Phi-3-mini-4k: 2047; we cap sequences there
-    c.block_size = min(c.block_size, int(window) if isinstance(window, (int, float)) else c.block_size)
+    c.block_size = min(c.block_size, fields["sliding_window"])   # Phi-3-mini-4k: 2047; we stop sequences there
     return c
 
 
@@ -160,7 +164,7 @@ def load_phi3(path, device="cpu", dtype=torch.float32):
                         raise CheckpointError(f"{file}: {key} is stored as {t.get_dtype()}, not floating "
                                               "point; this is not a Phi-3 checkpoint we can train on")
                     x = f.get_tensor(key).to(device=device, dtype=dtype)
-                    if not torch.isfinite(x).all():
+                    if not (torch.isfinite(x.amax()) and torch.isfinite(x.amin())):   # no mask of x's size
                         raise CheckpointError(f"{file}: {key} holds NaN or inf values; re-download the file")
                     sd[key] = x
         except SafetensorError as e:
@@ -207,8 +211,8 @@ def load_adapter(model, name, folder):
     except (OSError, ValueError, SafetensorError) as e:
         raise CheckpointError(f"adapter {folder} is missing or unreadable ({type(e).__name__}: {e}); it needs "
                               "adapter_config.json and adapter_model.safetensors") from None
-    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
-    if cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("use_rslora") or \
+    r, alpha = (cfg.get("r"), cfg.get("lora_alpha")) if isinstance(cfg, dict) else (None, None)
+    if r is None or cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("use_rslora") or \
             cfg.get("bias", "none") != "none" or not isinstance(r, int) or not isinstance(alpha, (int, float)):
         raise CheckpointError(f"{folder}: only plain LoRA adapters (integer r, no DoRA/rsLoRA/bias) are supported")
     modules = {n: m for n, m in model.named_modules() if hasattr(m, "lora_A")}
@@ -223,6 +227,8 @@ def load_adapter(model, name, folder):
             raise CheckpointError(f"{folder}: {key} has shape {tuple(t.shape)} (model needs {shape}) or non-finite "
                                   "values; the adapter is damaged or was made for another base")
         values[m.group(1), m.group(2)] = t
+    if {p for p, _ in values} != {p for p, ab in values if ab == "A"} or not values:
+        raise CheckpointError(f"{folder}: every layer needs both lora_A and lora_B; the adapter is incomplete")
     model.add_adapter(name, r, alpha)
     with torch.no_grad():
         for (path, ab), t in values.items():

@@ -1,5 +1,8 @@
-"""Tests for model.py: parity with transformers' Phi-3, KV cache, LoRA (incl. PEFT round trip), loader errors,
-the geometric-mixture sampler, and the real pretrained stories260K checkpoint. CPU, float32."""
+"""Tests of model.py: parity with transformers' Phi-3 (logits, greedy generation), the KV cache, stop tokens
+and masks, sequence_logprobs, LoRA (adapters chosen per call or per row, merge, copy), the geometric-mixture
+sampler, top-p, row-local uniforms, non-finite logits, and the real pretrained stories260K checkpoint.
+CPU, float32.
+Loading and saving (weights.py) are tested in test_weights.py, which reuses the fixtures below."""
 import json
 import struct
 from pathlib import Path
@@ -8,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (GPT, CheckpointError, GPTConfig, KVCache, config_from_hf, generate, next_token_logits,
-                   sample_next, sequence_logprobs)
+from model import KVCache, generate, left_pad, sample_next, sequence_logprobs
+from weights import load_phi3
 
 ASSETS = Path(__file__).parents[1] / ".." / "shared" / "assets"
 V = 96
@@ -28,9 +31,9 @@ def hf_phi3(n_kv_head, seed=0):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(seed)
     cfg = transformers.Phi3Config(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=n_kv_head, max_position_embeddings=128,
-                                  pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-                                  initializer_range=0.1)
+                                  num_attention_heads=4, num_key_value_heads=n_kv_head,
+                                  max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                  tie_word_embeddings=False, initializer_range=0.1)
     return transformers.Phi3ForCausalLM(cfg).eval()
 
 
@@ -40,36 +43,47 @@ def pair(request, tmp_path_factory):
     hf = hf_phi3(request.param)
     folder = tmp_path_factory.mktemp(f"phi3_kv{request.param}")
     hf.save_pretrained(folder)
-    return hf, GPT.from_pretrained(folder), folder
+    return hf, load_phi3(folder)[0], folder
 
 
-def left_pad(prompts, pad=0):
-    T = max(map(len, prompts))
-    toks = torch.tensor([[pad] * (T - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
-    return toks, mask
+@pytest.fixture
+def fresh(pair):
+    """A model of its own, for tests that add adapters or change weights."""
+    return load_phi3(pair[2])[0]
+
+
+def randomize(model, name, seed=1, scale=0.1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.lora_parameters(name):
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def real_rows(tokens, mask):
+    """Each row's real tokens (prompt + response) without padding: comparable across batch shapes."""
+    return [t[m.bool()].tolist() for t, m in zip(tokens, mask)]
 
 
 PROMPTS = [[1, 5, 9, 14, 3, 7], [1, 40], [1, 22, 23, 24]]
 
 
-# ---------------------------------------------------------------------------------------------------- parity
+# ----------------------------------------------------------------------------------------------------------
+# parity with transformers
+
 def test_logits_match_transformers(pair):
     hf, ours, _ = pair
     x = torch.randint(3, V, (2, 20))
     torch.testing.assert_close(ours(x), hf(x).logits, atol=1e-5, rtol=0)
-    toks, mask = left_pad(PROMPTS)
-    got, ref = ours(toks, attn_mask=mask), hf(toks, attention_mask=mask).logits
+    toks, mask = left_pad(PROMPTS, 0)
+    got, ref = ours(toks, mask=mask), hf(toks, attention_mask=mask).logits
     torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours(toks, mask=mask, last_only=True), got[:, -1:], atol=0, rtol=0)
 
 
-def test_sharded_checkpoint_loads_the_same(pair, tmp_path):
-    hf, ours, _ = pair
-    hf.save_pretrained(tmp_path, max_shard_size="50KB")
-    assert (tmp_path / "model.safetensors.index.json").exists()
-    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
-    x = torch.randint(3, V, (1, 12))
-    assert torch.equal(GPT.from_pretrained(tmp_path)(x), ours(x))
+def test_left_pad():
+    toks, mask = left_pad([[1, 2, 3], [4]], pad_id=9, extra=2)
+    assert toks.tolist() == [[1, 2, 3, 9, 9], [9, 9, 4, 9, 9]]
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [0, 0, 1, 0, 0]]
 
 
 def test_greedy_generation_matches_transformers(pair):
@@ -77,253 +91,382 @@ def test_greedy_generation_matches_transformers(pair):
     for p in PROMPTS:
         ref = hf.generate(torch.tensor([p]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
                           eos_token_id=None, pad_token_id=0)
-        toks, attn, resp = generate(ours, [p], max_new_tokens=16, temperature=0)
+        toks, mask, resp = generate(ours, [p], max_new_tokens=16, temperature=0)
         assert toks.tolist() == ref.tolist()
-        assert resp.sum() == 16 and attn.all()
+        assert resp.sum() == 16 and mask.all() and not resp[0, :len(p)].any()
 
 
 def test_batched_mixed_lengths_equal_one_by_one(pair):
     _, ours, _ = pair
-    toks, attn, resp = generate(ours, PROMPTS, max_new_tokens=12, temperature=0)
+    toks, mask, resp = generate(ours, PROMPTS, max_new_tokens=12, temperature=0)
     Tp = max(map(len, PROMPTS))
     for b, p in enumerate(PROMPTS):
         one, _, _ = generate(ours, [p], max_new_tokens=12, temperature=0)
         assert toks[b, Tp - len(p):].tolist() == one[0].tolist()
-        assert attn[b].sum() == len(p) + 12 and resp[b, Tp:].all() and not resp[b, :Tp].any()
+        assert mask[b].sum() == len(p) + 12 and resp[b, Tp:].all() and not resp[b, :Tp].any()
+        assert not toks[b, :Tp - len(p)].any() and not mask[b, :Tp - len(p)].any()     # left padding
 
 
 def test_kv_cache_equals_full_recompute(pair):
     _, ours, _ = pair
     toks, _, _ = generate(ours, PROMPTS, max_new_tokens=10, temperature=0)
-    x, mask = left_pad(PROMPTS)
+    x, mask = left_pad(PROMPTS, 0)
     for _ in range(10):    # no cache: rerun the whole sequence for every token
-        nxt = ours(x, attn_mask=mask)[:, -1].argmax(-1, keepdim=True)
+        nxt = ours(x, mask=mask)[:, -1].argmax(-1, keepdim=True)
         x, mask = torch.cat([x, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
     assert torch.equal(toks, x)
     # a cache filled in two prefill chunks gives the logits of one full pass
-    cache = KVCache(ours.config, 1, 20)
+    cache = KVCache(ours.config, 1, 20, "cpu", torch.float32)
     seq = torch.tensor([PROMPTS[0] + [11, 12, 13]])
-    a, b = ours(seq[:, :4], cache), ours(seq[:, 4:], cache)
+    a, b = ours(seq[:, :4], cache=cache), ours(seq[:, 4:], cache=cache)
     torch.testing.assert_close(torch.cat([a, b], 1), ours(seq), atol=1e-5, rtol=0)
+    # the same for a left-padded batch, cut where one row is still all padding
+    toks, mask = left_pad(PROMPTS, 0)
+    cache = KVCache(ours.config, 3, 20, "cpu", torch.float32)
+    a, b = ours(toks[:, :3], cache=cache, mask=mask[:, :3]), ours(toks[:, 3:], cache=cache, mask=mask[:, 3:])
+    full = ours(toks, mask=mask)
+    torch.testing.assert_close(torch.cat([a, b], 1)[mask.bool()], full[mask.bool()], atol=1e-5, rtol=0)
+
+
+def test_sequences_longer_than_block_size_are_refused(pair):
+    _, ours, _ = pair
+    with pytest.raises(ValueError, match="block_size"):
+        ours(torch.ones(1, ours.config.block_size + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="block_size"):
+        generate(ours, [[1] * (ours.config.block_size - 4)], max_new_tokens=8)
 
 
 def test_stop_tokens_and_masks(pair):
+    """A row ends at its first stop token (kept in resp, pad after it); when every row has stopped, the
+    returned width ends at the last column any row used."""
     _, ours, _ = pair
-    free, _, _ = generate(ours, PROMPTS, max_new_tokens=8, temperature=0)
-    Tp = max(map(len, PROMPTS))
-    stop = int(free[0, Tp + 2])                      # row 0 emits this as its 3rd new token
-    toks, attn, resp = generate(ours, PROMPTS, max_new_tokens=8, temperature=0, stop_tokens=(stop,), pad_id=0)
-    first = (free[0, Tp:] == stop).nonzero()[0].item()
-    assert resp[0, Tp:].tolist() == [1] * (first + 1) + [0] * (7 - first)
-    assert (toks[0, Tp + first + 1:] == 0).all() and toks.shape == (3, Tp + 8)
-    assert torch.equal(attn[0, Tp:], resp[0, Tp:])
+    N, Tp = 12, max(map(len, PROMPTS))
+    free, free_mask, _ = generate(ours, PROMPTS, max_new_tokens=N, temperature=0)
+    only_row0 = next(int(t) for t in free[0, Tp:] if t not in free[1, Tp:])
+    for stop in [(only_row0,),                                          # row 0 stops, row 1 runs to the end
+                 tuple({int(t) for t in free[:, Tp + 1]})]:             # every row stops by its 2nd token
+        toks, mask, resp = generate(ours, PROMPTS, max_new_tokens=N, temperature=0, stop_ids=stop, pad_id=0)
+        lens = [next((j + 1 for j in range(N) if int(free[b, Tp + j]) in stop), N) for b in range(3)]
+        width = max(lens)
+        assert toks.shape == mask.shape == resp.shape == (3, Tp + width)
+        for b, n in enumerate(lens):
+            assert resp[b, Tp:].tolist() == [1] * n + [0] * (width - n)
+            assert torch.equal(toks[b, :Tp + n], free[b, :Tp + n]) and not toks[b, Tp + n:].any()
+            assert torch.equal(mask[b, Tp:], resp[b, Tp:]) and torch.equal(mask[b, :Tp], free_mask[b, :Tp])
+            assert not resp[b, :Tp].any()
+        assert lens[0] < N and (lens[1] == N if stop == (only_row0,) else width <= 2)
 
 
 def test_sequence_logprobs_equals_slow_loop(pair):
     _, ours, _ = pair
-    toks, attn, resp = generate(ours, PROMPTS, max_new_tokens=6, temperature=1.0,
-                                generator=torch.Generator().manual_seed(0), stop_tokens=(5, 6, 7))
-    got = sequence_logprobs(ours, toks, attn, resp)
+    toks, mask, resp = generate(ours, PROMPTS, max_new_tokens=6, temperature=1.0,
+                                generator=torch.Generator().manual_seed(0), stop_ids=(5, 6, 7))
+    got = sequence_logprobs(ours, toks, mask, resp)
     for b, p in enumerate(PROMPTS):
-        seq = toks[b][attn[b].bool()]                 # the row without padding
-        slow = 0.0
-        for t in range(len(p), len(seq)):
-            slow += ours(seq[None, :t])[0, -1].log_softmax(-1)[seq[t]].item()
+        seq = toks[b][mask[b].bool()]                 # the row without padding
+        slow = sum(ours(seq[None, :t])[0, -1].log_softmax(-1)[seq[t]].item() for t in range(len(p), len(seq)))
         assert got[b].item() == pytest.approx(slow, abs=1e-4)
     got.sum().backward()                              # differentiable
 
 
-# ---------------------------------------------------------------------------------------------------- LoRA
-def randomize(model, name, seed=1, scale=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.adapter_parameters(name):
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
+def test_sequence_logprobs_with_vocab_is_the_constrained_law(pair):
+    """With vocab, log π(y|x) renormalises each next-token law over those ids: the law generate(vocab=)
+    samples from."""
+    _, ours, _ = pair
+    vocab = [3, 10, 20, 30, 41]
+    toks, mask, resp = generate(ours, PROMPTS, max_new_tokens=5, temperature=1.0, vocab=vocab,
+                                generator=torch.Generator().manual_seed(1))
+    assert set(toks[resp.bool()].tolist()) <= set(vocab)
+    got = sequence_logprobs(ours, toks, mask, resp, vocab=vocab)
+    for b, p in enumerate(PROMPTS):
+        seq = toks[b][mask[b].bool()]
+        slow = sum(ours(seq[None, :t])[0, -1, vocab].log_softmax(-1)[vocab.index(int(seq[t]))].item()
+                   for t in range(len(p), len(seq)))
+        assert got[b].item() == pytest.approx(slow, abs=1e-4)
+    assert (got > sequence_logprobs(ours, toks, mask, resp)).all()    # renormalised: strictly more likely
 
 
-@pytest.fixture
-def fresh(pair):
-    _, _, folder = pair
-    return GPT.from_pretrained(folder)
+def test_sequence_logprobs_vocab_is_a_set_of_allowed_ids(pair):
+    """The constrained law depends on the set of ids only (a repeated id is not counted twice), and a response
+    token outside vocab has probability 0 under it: log π = -inf, or a ValueError, never a finite number."""
+    _, ours, _ = pair
+    toks, mask = left_pad([[1, 5, 10, 20], [1, 7, 10, 50]], 0)
+    resp = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1]])
+    once = sequence_logprobs(ours, toks[:1], mask[:1], resp[:1], vocab=[10, 20, 30])
+    twice = sequence_logprobs(ours, toks[:1], mask[:1], resp[:1], vocab=[10, 20, 20, 30])
+    torch.testing.assert_close(twice, once, atol=1e-6, rtol=0)
+    try:
+        outside = sequence_logprobs(ours, toks, mask, resp, vocab=[10, 20, 30])[1].item()   # 50: not allowed
+    except ValueError:
+        return
+    assert outside == float("-inf")
 
+
+# ----------------------------------------------------------------------------------------------------------
+# LoRA
 
 def test_lora_fresh_adapter_is_noop_and_only_adapters_train(fresh):
     x = torch.randint(3, V, (2, 10))
     base = fresh(x)
     fresh.add_adapter("policy", r=4, alpha=8)
-    fresh.set_adapter("policy")
-    assert torch.equal(fresh(x), base)
+    fresh.add_adapter("other", r=2, alpha=4)
+    assert torch.equal(fresh(x, adapters="policy"), base)
+    assert torch.equal(fresh(x, adapters=["other", None]), base)
     trainable = [n for n, p in fresh.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     before = {n: p.clone() for n, p in fresh.named_parameters()}
-    opt = torch.optim.AdamW(fresh.adapter_parameters("policy"), lr=1e-2)
-    F.cross_entropy(fresh(x).flatten(0, 1), x.flatten()).backward()
+    opt = torch.optim.AdamW(fresh.lora_parameters("policy"), lr=1e-2)
+    F.cross_entropy(fresh(x, adapters="policy").flatten(0, 1), x.flatten()).backward()
     opt.step()
     changed = {n for n, p in fresh.named_parameters() if not torch.equal(p, before[n])}
-    assert changed and all("lora_" in n for n in changed)   # the base weights never move
-    assert not torch.allclose(fresh(x), base)
-    with fresh.adapter(None):
-        assert torch.equal(fresh(x), base)                    # adapters off = the base = π_ref
-    assert fresh.active_adapter == "policy"
+    assert changed and all(n.endswith(".policy") for n in changed)      # the base and "other" never move
+    assert any(".lora_B." in n for n in changed)
+    assert not torch.allclose(fresh(x, adapters="policy"), base)
+    assert torch.equal(fresh(x), base)                                  # adapters=None: the base = π_ref
 
 
-def test_lora_merge_unmerge_and_switching(fresh):
-    x = torch.randint(3, V, (2, 10))
-    base = fresh(x)
+def test_lora_adapter_argument_is_checked(fresh):
+    fresh.add_adapter("a", r=2, alpha=2)
+    x = torch.randint(3, V, (2, 5))
+    for bad in ("nope", ["a"], ["a", None, None], ["a", "nope"]):
+        with pytest.raises(ValueError, match="adapter"):
+            fresh(x, adapters=bad)
+    for bad in ("a", "not an identifier", 3, "copy", "values"):     # the last two: nn.ParameterDict methods
+        with pytest.raises(ValueError, match="adapter name"):
+            fresh.add_adapter(bad)
+    assert list(fresh.adapters) == ["a"]
+
+
+def test_two_adapters_in_one_batch_equal_separate_calls(fresh):
+    """adapters=["a", "b", None]: each row computes what it computes alone (LANA's two players in one
+    forward pass)."""
     fresh.add_adapter("a", r=4, alpha=8)
-    fresh.add_adapter("b", r=2, alpha=2, targets=("qkv_proj",))
+    fresh.add_adapter("b", r=2, alpha=2)
     randomize(fresh, "a", 1), randomize(fresh, "b", 2)
-    with fresh.adapter("a"):
-        ya = fresh(x)
-    with fresh.adapter("b"):
-        yb = fresh(x)
-    assert not torch.allclose(ya, yb) and not torch.allclose(ya, base)
-    # per-row adapters: row 0 uses "b", row 1 the base
-    rows = fresh(x, adapter_ids=torch.tensor([1, -1]))
-    torch.testing.assert_close(rows, torch.stack([yb[0], base[1]]), atol=1e-5, rtol=0)
-    W = fresh.model.layers[0].self_attn.qkv_proj.weight.clone()
-    fresh.merge_adapter("a")
-    torch.testing.assert_close(fresh(x), ya, atol=1e-5, rtol=0)
-    with pytest.raises(RuntimeError, match="unmerge"):
-        with fresh.adapter(None):
-            fresh(x)
-    fresh.unmerge_adapter("a")
-    torch.testing.assert_close(fresh.model.layers[0].self_attn.qkv_proj.weight, W, atol=1e-6, rtol=0)
-    fresh.set_adapter(None)
-    torch.testing.assert_close(fresh(x), base, atol=1e-5, rtol=0)
-    fresh.copy_adapter("a", "prev")
-    with fresh.adapter("prev"):
-        torch.testing.assert_close(fresh(x), ya, atol=1e-5, rtol=0)
+    toks, mask = left_pad(PROMPTS, 0)
+    ya, yb, y0 = (fresh(toks, adapters=a, mask=mask) for a in ("a", "b", None))
+    assert not torch.allclose(ya, yb) and not torch.allclose(ya, y0) and not torch.allclose(yb, y0)
+    rows = fresh(toks, adapters=["a", "b", None], mask=mask)
+    want = torch.stack([ya[0], yb[1], y0[2]])
+    torch.testing.assert_close(rows[mask.bool()], want[mask.bool()], atol=1e-6, rtol=0)
+    resp = mask.clone()
+    resp[:, :3] = 0
+    lp = sequence_logprobs(fresh, toks, mask, resp, adapters=["a", "b", None])
+    sep = [sequence_logprobs(fresh, toks, mask, resp, adapters=a)[b] for b, a in enumerate(("a", "b", None))]
+    torch.testing.assert_close(lp, torch.stack(sep), atol=1e-5, rtol=0)
 
 
-def test_adapter_saved_in_peft_format_loads_in_peft(pair, tmp_path):
-    peft = pytest.importorskip("peft")
-    hf, _, folder = pair
-    ours = GPT.from_pretrained(folder)
-    ours.add_adapter("policy", r=4, alpha=16)
-    randomize(ours, "policy")
-    ours.save_adapter("policy", tmp_path / "ad")
+def test_merge_adapter_folds_and_removes(fresh):
     x = torch.randint(3, V, (2, 10))
-    with ours.adapter("policy"):
-        want = ours(x)
-    hf_peft = peft.PeftModel.from_pretrained(hf_phi3(hf.config.num_key_value_heads), tmp_path / "ad").eval()
-    hf_peft.load_state_dict(hf.state_dict(), strict=False)   # same base weights (the fixture's seed)
-    torch.testing.assert_close(hf_peft(x).logits, want, atol=1e-5, rtol=0)
-    # and back: our load_adapter reads the folder peft wrote
-    hf_peft.save_pretrained(tmp_path / "from_peft")
-    ours.load_adapter("peft_copy", tmp_path / "from_peft")
-    with ours.adapter("peft_copy"):
-        torch.testing.assert_close(ours(x), want, atol=1e-6, rtol=0)
+    fresh.add_adapter("a", r=4, alpha=8)
+    fresh.add_adapter("b", r=2, alpha=6)
+    randomize(fresh, "a", 1), randomize(fresh, "b", 2)
+    ya, yb = fresh(x, adapters="a"), fresh(x, adapters="b")
+    layers = fresh.lora_layers()
+    want = [m.weight + 8 / 4 * m.lora_B["a"] @ m.lora_A["a"] for m in layers]
+    b_values = [p.clone() for p in fresh.lora_parameters("b")]
+    fresh.merge_adapter("a")
+    for m, w in zip(layers, want):
+        torch.testing.assert_close(m.weight, w, atol=1e-6, rtol=0)
+        assert "a" not in m.lora_A and "a" not in m.lora_B
+    assert list(fresh.adapters) == ["b"]
+    torch.testing.assert_close(fresh(x), ya, atol=1e-5, rtol=0)          # the merged base is the adapter run
+    assert all(torch.equal(p, q) for p, q in zip(fresh.lora_parameters("b"), b_values))
+    assert not torch.allclose(fresh(x, adapters="b"), yb)                # "b" now runs on the merged base
 
 
-# ---------------------------------------------------------------------------------------------------- loader errors
-def test_loader_errors(pair, tmp_path):
-    hf, _, folder = pair
-    with pytest.raises(CheckpointError, match="does not exist"):
-        GPT.from_pretrained(tmp_path / "nope")
-    with pytest.raises(CheckpointError, match="no config.json"):
-        GPT.from_pretrained(tmp_path)
-    sh = tmp_path / "sharded"
-    hf.save_pretrained(sh, max_shard_size="50KB")
-    shards = sorted(sh.glob("model-*-of-*.safetensors"))
-    data = shards[1].read_bytes()
-    shards[1].write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="truncated or corrupt.*download it again"):
-        GPT.from_pretrained(sh)
-    shards[1].unlink()
-    with pytest.raises(CheckpointError, match="missing; re-run the download"):
-        GPT.from_pretrained(sh)
-    bad = tmp_path / "bad"
-    hf.save_pretrained(bad)
-    cfg = json.loads((bad / "config.json").read_text())
-    (bad / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 128}))
-    with pytest.raises(CheckpointError, match="shape .* config.json and weights disagree"):
-        GPT.from_pretrained(bad)
-    long = {**cfg, "rope_parameters": None, "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8}}
-    (bad / "config.json").write_text(json.dumps(long))
-    with pytest.raises(CheckpointError, match="longrope.*not supported"):
-        GPT.from_pretrained(bad)
+def test_merging_an_unknown_adapter_changes_nothing(fresh):
+    fresh.add_adapter("a", r=4, alpha=8)
+    randomize(fresh, "a", 1)
+    x = torch.randint(3, V, (2, 10))
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    adapters, ya = dict(fresh.adapters), fresh(x, adapters="a")
+    with pytest.raises(ValueError, match="nope"):
+        fresh.merge_adapter("nope")
+    after = fresh.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    assert fresh.adapters == adapters and torch.equal(fresh(x, adapters="a"), ya)
 
 
-def test_hf_cache_layout(pair, tmp_path):
-    _, ours, folder = pair
-    repo = tmp_path / "models--microsoft--Phi-3-mini-4k-instruct"
-    for rev in ("old", "abc123"):
-        (repo / "snapshots" / rev).mkdir(parents=True)
-        for f in folder.iterdir():
-            (repo / "snapshots" / rev / f.name).symlink_to(f)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("abc123")
-    x = torch.randint(3, V, (1, 8))
-    for path in (tmp_path, repo, repo / "snapshots" / "old"):
-        assert torch.equal(GPT.from_pretrained(path)(x), ours(x))
+def test_copy_adapter(fresh):
+    x = torch.randint(3, V, (2, 10))
+    fresh.add_adapter("a", r=4, alpha=8)
+    randomize(fresh, "a", 1)
+    ya = fresh(x, adapters="a")
+    fresh.copy_adapter("a", "prev")                                     # INPO's frozen previous iterate
+    assert fresh.adapters["prev"] == fresh.adapters["a"]
+    torch.testing.assert_close(fresh(x, adapters="prev"), ya, atol=1e-6, rtol=0)
+    randomize(fresh, "a", 5)                                            # values copied, not shared
+    torch.testing.assert_close(fresh(x, adapters="prev"), ya, atol=1e-6, rtol=0)
+    fresh.copy_adapter("a", "prev")                                     # onto an existing adapter: overwrite
+    assert all(torch.equal(p, q) for p, q in zip(fresh.lora_parameters("a"), fresh.lora_parameters("prev")))
+    assert all(p.data_ptr() != q.data_ptr() for p, q in zip(fresh.lora_parameters("a"),
+                                                              fresh.lora_parameters("prev")))
 
 
-def test_config_both_spellings(tmp_path):
-    old = dict(model_type="phi3", vocab_size=32064, num_hidden_layers=32, num_attention_heads=32, hidden_size=3072,
-               num_key_value_heads=32, intermediate_size=8192, max_position_embeddings=4096, rope_theta=10000.0,
-               rope_scaling=None, rms_norm_eps=1e-5, sliding_window=2047, torch_dtype="bfloat16",
-               tie_word_embeddings=False, hidden_act="silu")
-    new = {k: v for k, v in old.items() if k not in ("rope_theta", "rope_scaling", "torch_dtype")}
-    new.update(dtype="bfloat16", rope_parameters=dict(rope_theta=10000.0, rope_type="default",
-                                                      partial_rotary_factor=1.0))
-    for i, d in enumerate([old, new]):
-        (tmp_path / f"{i}.json").write_text(json.dumps(d))
-        cfg = config_from_hf(tmp_path / f"{i}.json")
-        assert cfg == GPTConfig(**{**GPTConfig.from_name("phi3-mini").__dict__, "block_size": 2047})
+def test_an_unused_adapter_cannot_change_other_rows(fresh):
+    """The logits of rows that use adapter "b" (or the base) do not depend on the values of adapter "a", which
+    no row uses: a diverged (NaN) adapter must not turn every other adapter's logits into NaN."""
+    fresh.add_adapter("a", r=4, alpha=8)
+    fresh.add_adapter("b", r=2, alpha=2)
+    randomize(fresh, "b", 2)
+    x = torch.randint(3, V, (2, 10))
+    want = fresh(x, adapters=["b", None])
+    with torch.no_grad():
+        for p in fresh.lora_parameters("a"):
+            p.fill_(float("nan"))
+    torch.testing.assert_close(fresh(x, adapters=["b", None]), want, atol=1e-6, rtol=0)
 
 
-# ---------------------------------------------------------------------------------------------------- mixture
-def test_geometric_mixture_sampler_matches_analytic(fresh):
-    """allowed_tokens = 3 ids, 2 new tokens: 9 sequences. Exact mixture per token from full forward passes,
-    (1-β) log π + β log μ renormalised over the allowed ids, vs the sampler's empirical frequencies."""
+def test_gradient_checkpointing_gives_the_same_gradients(fresh):
+    fresh.add_adapter("a", r=4, alpha=8)
+    randomize(fresh, "a", 1)
+    toks, mask, resp = generate(fresh, PROMPTS, 4, temperature=0, adapters="a")
+    grads = []
+    for on in (False, True):
+        fresh.checkpointing = on
+        fresh.zero_grad()
+        sequence_logprobs(fresh, toks, mask, resp, adapters="a").sum().backward()
+        grads.append([p.grad.clone() for p in fresh.lora_parameters("a")])
+    assert all(torch.allclose(g, h, atol=1e-6, rtol=0) for g, h in zip(*grads))
+    assert any(g.abs().sum() > 0 for g in grads[0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sampling: the geometric mixture, top-p, uniforms
+
+def test_geometric_mixture_sampler_matches_exact_enumeration(fresh):
+    """vocab = 3 ids, 2 new tokens: 9 sequences. The exact law, per token (1-β) log π + β log μ renormalised
+    over vocab from full forward passes, against (1) the sampler's frequencies and (2) with given uniforms,
+    the inverse-CDF draw that law makes, row by row."""
     fresh.add_adapter("policy", r=4, alpha=8)
     randomize(fresh, "policy", seed=3, scale=0.5)
     fresh.add_adapter("opp", r=4, alpha=8)
     randomize(fresh, "opp", seed=4, scale=0.5)
-    prompt, allowed, beta = [1, 17, 30], torch.tensor([10, 20, 30]), 0.3
+    prompt, vocab, beta = [1, 17, 30], [10, 20, 30], 0.3
 
-    def mix_probs(prefix, beta=beta):           # exact next-token mixture over `allowed`, no KV cache
+    def mix_probs(prefix, beta):                 # exact next-token mixture over vocab, no KV cache
         x = torch.tensor([prefix])
-        with fresh.adapter("policy"):
-            lp = fresh(x)[0, -1].log_softmax(-1)[allowed]
-        with fresh.adapter("opp"):
-            lq = fresh(x)[0, -1].log_softmax(-1)[allowed]
-        return ((1 - beta) * lp + beta * lq).softmax(-1)
-    def joint(beta):                            # (3, 3): P(y1, y2) = p(y1) p(y2 | y1)
-        return torch.stack([mix_probs(prompt, beta)[i] * mix_probs(prompt + [int(a)], beta)
-                            for i, a in enumerate(allowed)])
+        lp = fresh(x, adapters="policy")[0, -1].log_softmax(-1)[vocab]
+        lq = fresh(x, adapters="opp")[0, -1].log_softmax(-1)[vocab]
+        return ((1 - beta) * lp + beta * lq).softmax(-1).detach()
+
+    def joint(beta):                             # (3, 3): P(y1, y2) = p(y1) p(y2 | y1)
+        first = mix_probs(prompt, beta)
+        return torch.stack([first[i] * mix_probs(prompt + [a], beta) for i, a in enumerate(vocab)])
     exact, n = joint(beta), 4000
     tol = 4.5 * (0.25 / n) ** 0.5                                     # 4.5 sigma, sigma <= sqrt(1/4n)
     # the test has power: sampling the policy alone, or the opponent alone, would fail it
     assert (joint(0.0) - exact).abs().max() > 2 * tol and (joint(1.0) - exact).abs().max() > 2 * tol
-    toks, _, _ = generate(fresh, [prompt] * n, max_new_tokens=2, temperature=1.0, adapter="policy",
-                          mix_adapter="opp", mix_beta=beta, allowed_tokens=allowed,
-                          generator=torch.Generator().manual_seed(0))
-    ids = torch.bucketize(toks[:, -2:].contiguous(), allowed)          # (n, 2) in 0..2
+    kw = dict(max_new_tokens=2, temperature=1.0, adapters="policy", mix_adapter="opp", mix_beta=beta,
+              vocab=vocab)
+    toks, _, _ = generate(fresh, [prompt] * n, generator=torch.Generator().manual_seed(0), **kw)
+    ids = torch.bucketize(toks[:, -2:].contiguous(), torch.tensor(vocab))      # (n, 2) in 0..2
     freq = torch.bincount(ids[:, 0] * 3 + ids[:, 1], minlength=9).float().view(3, 3) / n
     assert (freq - exact).abs().max() < tol
-    # and the sampler's exact next-token logits for the first token
-    with torch.no_grad(), fresh.adapter("policy"):
-        lp = fresh(torch.tensor([prompt]))[:, -1]
-    with torch.no_grad(), fresh.adapter("opp"):
-        lq = fresh(torch.tensor([prompt]))[:, -1]
-    bias = torch.full((V,), float("-inf"))
-    bias[allowed] = 0
-    got = next_token_logits(lp, lq, beta, bias).softmax(-1)[0, allowed]
-    torch.testing.assert_close(got, mix_probs(prompt), atol=1e-6, rtol=0)
+    # (2) row by row: y1 is the first id whose cumulative probability exceeds u1, then y2 | y1 from u2
+    u = torch.rand(300, 2, generator=torch.Generator().manual_seed(1))
+    toks, _, _ = generate(fresh, [prompt] * 300, uniforms=u, **kw)
+
+    def inverse_cdf(beta):                       # (300, 2) ids, and rows within 1e-4 of a cdf boundary
+        cdf1 = mix_probs(prompt, beta).cumsum(0)
+        cdf2 = {a: mix_probs(prompt + [a], beta).cumsum(0) for a in vocab}
+        y1 = [vocab[int(torch.searchsorted(cdf1, u1, right=True))] for u1 in u[:, 0]]
+        y2 = [vocab[int(torch.searchsorted(cdf2[a], u2, right=True))] for a, u2 in zip(y1, u[:, 1])]
+        near = [min((cdf1 - u1).abs().min(), (cdf2[a] - u2).abs().min()) < 1e-4
+                for a, u1, u2 in zip(y1, *u.T)]
+        return torch.tensor([y1, y2]).T, torch.tensor(near)
+    want, near = inverse_cdf(beta)
+    assert near.sum() < 10 and torch.equal(toks[~near, -2:], want[~near])
+    assert not torch.equal(inverse_cdf(0.0)[0], want) and not torch.equal(inverse_cdf(1.0)[0], want)
+
+
+def test_per_row_adapters_and_mixtures_equal_separate_calls(fresh):
+    """One generate call with an adapter (and a mixture β) per row equals separate calls, one per setting:
+    the batched path of LANA's two players and Nash-MD-PG's (y, y') pair samples what the plain path
+    samples."""
+    for name, seed in (("a", 1), ("b", 2)):
+        fresh.add_adapter(name, r=4, alpha=8)
+        randomize(fresh, name, seed=seed, scale=0.3)
+    prompts = [[1, 5, 9, 33], [1, 7], [1, 2, 3, 4, 5, 6], [1, 90]]
+    kw = dict(max_new_tokens=12, temperature=0.0)
+    ga, gb, g0 = (generate(fresh, prompts, adapters=a, **kw)[0] for a in ("a", "b", None))
+    rows = generate(fresh, prompts + prompts, adapters=["a", "b", None, "a", "b", None, "a", "b"], **kw)[0]
+    assert torch.equal(rows, torch.stack([ga[0], gb[1], g0[2], ga[3], gb[0], g0[1], ga[2], gb[3]]))
+    assert not torch.equal(ga, gb)                       # the adapters really differ
+    mix4, mix2 = (generate(fresh, prompts, adapters="a", mix_adapter=None, mix_beta=b, **kw)[0]
+                  for b in (0.4, 0.2))
+    assert not torch.equal(mix4, ga)                     # ... and so does the mixture
+    rows = generate(fresh, prompts + prompts, adapters=["a"] * 8, mix_adapter=None,
+                    mix_beta=[0.4, 0, 0.4, 0, 0.2, 0.4, 0.4, 0], **kw)[0]
+    assert torch.equal(rows, torch.stack([mix4[0], ga[1], mix4[2], ga[3], mix2[0], mix4[1], mix4[2], ga[3]]))
+
+
+def test_uniforms_make_each_row_independent_of_the_batch(fresh):
+    """Row b's sample depends only on its prompt, its settings and its uniforms u[b]: generated alone, or with
+    any other rows, it is the same (torchrun ranks that each sample a slice reproduce a single process)."""
+    for name, seed in (("a", 1), ("b", 2)):
+        fresh.add_adapter(name, r=4, alpha=8)
+        randomize(fresh, name, seed=seed, scale=0.3)
+    prompts = [[1, 5, 9, 33], [1, 7], [1, 2, 3, 4, 5, 6], [1, 90], [1, 61, 62]]
+    adapters, betas = ["a", None, "b", "a", None], [0.0, 0.0, 0.3, 0.5, 0.0]
+    u = torch.rand(5, 10, generator=torch.Generator().manual_seed(7))
+    kw = dict(max_new_tokens=10, temperature=1.0, top_p=0.95, mix_adapter="b", stop_ids=(17, 23, 42, 51))
+
+    def run(rows):
+        t, m, r = generate(fresh, [prompts[b] for b in rows], adapters=[adapters[b] for b in rows],
+                           mix_beta=[betas[b] for b in rows], uniforms=u[rows], **kw)
+        return real_rows(t, m), r.sum(1).tolist()
+    full_rows, full_lens = run([0, 1, 2, 3, 4])
+    for rows in ([1, 3], [4, 0, 2], [2], [3]):
+        part_rows, part_lens = run(rows)
+        assert part_rows == [full_rows[b] for b in rows] and part_lens == [full_lens[b] for b in rows]
+    assert len(set(map(tuple, full_rows))) == 5
 
 
 def test_top_p_and_greedy():
-    logits = torch.tensor([[3.0, 2.0, 0.0, -1.0]]).log_softmax(-1)   # p ≈ .70, .26, .03, .01
-    g = torch.Generator().manual_seed(0)
-    assert sample_next(logits, 0.0, 1.0, g).item() == 0
-    draws = torch.cat([sample_next(logits, 1.0, 0.9, g) for _ in range(300)])
-    assert set(draws.tolist()) == {0, 1}                                # the nucleus of mass 0.9 is {0, 1}
-    assert set(torch.cat([sample_next(logits, 1.0, 0.5, g) for _ in range(50)]).tolist()) == {0}
+    logits = torch.tensor([[3.0, 2.0, 0.0, -1.0]])                     # p ≈ .70, .26, .03, .01
+    p = logits.softmax(-1)[0]
+    n = 1000
+    u = (torch.arange(n) + 0.5) / n                                     # a uniform grid: draws by inverse CDF
+
+    def draws(top_p, lg=logits, temperature=1.0):
+        return torch.bincount(sample_next(lg.expand(n, -1), u, temperature, top_p), minlength=lg.size(1))
+    assert draws(1.0).tolist() == pytest.approx((n * p).tolist(), abs=1.01)
+    assert draws(0.9)[2:].sum() == 0                                    # the nucleus of mass 0.9 is {0, 1}
+    assert draws(0.9)[0] == pytest.approx(float(n * p[0] / (p[0] + p[1])), abs=1.01)
+    assert draws(0.5).tolist() == [n, 0, 0, 0]                          # the nucleus of mass 0.5 is {0}
+    # boundary: p = 1/4 each (exact in float); the mass before the third token is 0.5 == top_p: dropped
+    assert sorted(draws(0.5, torch.zeros(1, 4)).tolist()) == [0, 0, n // 2, n // 2]
+    c = sorted(draws(0.75, torch.zeros(1, 4)).tolist())                 # mass before the 4th: 0.75, dropped
+    assert c[0] == 0 and all(abs(k - n / 3) < 1.01 for k in c[1:])
+    p2 = (logits / 2).softmax(-1)[0]                                    # temperature 2
+    assert draws(1.0, temperature=2.0).tolist() == pytest.approx((n * p2).tolist(), abs=1.01)
+    greedy = sample_next(torch.tensor([[0.1, 2.0, -1.0], [5.0, 2.0, -1.0]]), torch.rand(2), 0)
+    assert greedy.tolist() == [1, 0]
 
 
-# ---------------------------------------------------------------------------------------------------- stories260K
+def test_non_finite_logits_raise(fresh):
+    """NaN/inf weights make generate raise FloatingPointError (not an IndexError, not garbage tokens)."""
+    fresh.add_adapter("a", r=4, alpha=8)
+    with torch.no_grad():
+        for p in fresh.lora_parameters("a")[1::2]:                      # every B
+            p.fill_(float("inf"))
+    for kw in (dict(adapters="a"), dict(adapters=["a", None]), dict(mix_adapter="a", mix_beta=0.5),
+               dict(adapters="a", temperature=0), dict(adapters="a", vocab=[3, 4, 5], top_p=0.9)):
+        with pytest.raises(FloatingPointError):
+            generate(fresh, [[1, 5], [1, 6, 7]], 4, **kw)
+    generate(fresh, [[1, 5], [1, 6, 7]], 4)                             # the base is fine
+    with torch.no_grad():
+        fresh.lm_head.weight[7] = float("nan")
+    for kw in (dict(), dict(temperature=0), dict(vocab=[3, 7, 9]), dict(stop_ids=(3,))):
+        with pytest.raises(FloatingPointError):
+            generate(fresh, [[1, 5], [1, 6, 7]], 9, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# stories260K: a real pretrained checkpoint
+
 def llama2c_to_phi3(bin_path, out):
     """Convert llama2.c's stories260K.bin to a Phi-3 folder (config.json + model.safetensors)."""
     from safetensors.torch import save_file
@@ -343,7 +486,8 @@ def llama2c_to_phi3(bin_path, out):
         return t.view(heads, hd // 2, 2, dim).transpose(1, 2).reshape(heads * hd, dim)
     emb, attn_norm = take(abs(vocab), dim), take(L, dim)
     wq, wk, wv, wo = take(L, dim, dim), take(L, Hkv * hd, dim), take(L, Hkv * hd, dim), take(L, dim, dim)
-    ffn_norm, w1, w2, w3, norm = take(L, dim), take(L, hidden, dim), take(L, dim, hidden), take(L, hidden, dim), take(dim)
+    ffn_norm, w1, w2, w3 = take(L, dim), take(L, hidden, dim), take(L, dim, hidden), take(L, hidden, dim)
+    norm = take(dim)
     sd = {"model.embed_tokens.weight": emb, "model.norm.weight": norm, "lm_head.weight": emb}
     for i in range(L):
         p = f"model.layers.{i}."
@@ -355,9 +499,9 @@ def llama2c_to_phi3(bin_path, out):
         sd[p + "mlp.down_proj.weight"] = w2[i]
     save_file({k: v.contiguous().clone() for k, v in sd.items()}, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(dict(
-        model_type="phi3", vocab_size=abs(vocab), hidden_size=dim, intermediate_size=hidden, num_hidden_layers=L,
-        num_attention_heads=H, num_key_value_heads=Hkv, max_position_embeddings=seq, rms_norm_eps=1e-5,
-        rope_theta=10000.0, tie_word_embeddings=False, hidden_act="silu")))
+        model_type="phi3", vocab_size=abs(vocab), hidden_size=dim, intermediate_size=hidden,
+        num_hidden_layers=L, num_attention_heads=H, num_key_value_heads=Hkv, max_position_embeddings=seq,
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, hidden_act="silu")))
 
 
 def decode_tok512(tok_path, ids):
@@ -383,51 +527,13 @@ def test_stories260k_reproduces_published_sample(tmp_path):
     readme = ASSETS / "README.md"
     if not (bin_path.exists() and tok_path.exists() and readme.exists()):
         pytest.skip("stories260K assets not found")
-    published = readme.read_text().split("verbatim, the sample its author published:\n\n```\n")[1].split("```")[0]
+    published = readme.read_text().split("verbatim, the sample its author published:\n\n```\n")[1]
+    published = published.split("```")[0]
     llama2c_to_phi3(bin_path, tmp_path)
-    model = GPT.from_pretrained(tmp_path)
-    toks, _, resp = generate(model, [[1]], max_new_tokens=200, temperature=0, stop_tokens=(1,))
+    model, _ = load_phi3(tmp_path)
+    toks, _, resp = generate(model, [[1]], max_new_tokens=200, temperature=0, stop_ids=(1,))
     ids = toks[0][resp[0].bool()].tolist()
     text = decode_tok512(tok_path, [i for i in ids if i != 1])
     n = min(len(text), len(published.rstrip()))
     assert n > 300, "the published sample is ~330 characters; generate at least that many"
     assert text[:n] == published[:n], f"got:\n{text}\nwant:\n{published[:n]}"
-
-
-def test_per_row_adapters_and_mixtures_equal_separate_calls(fresh):
-    """One generate call with an adapter (and a mixture β) per row equals separate calls, one per setting:
-    the batched path of LANA's two players and Nash-MD-PG's (y, y') pair samples what the plain path samples."""
-    for name, seed in (("a", 1), ("b", 2)):
-        fresh.add_adapter(name, r=4, alpha=8)
-        randomize(fresh, name, seed=seed, scale=0.3)
-    prompts = [[1, 5, 9, 33], [1, 7], [1, 2, 3, 4, 5, 6], [1, 90]]
-    kw = dict(max_new_tokens=12, temperature=0.0)
-    ga, gb, g0 = (generate(fresh, prompts, adapter=a, **kw)[0] for a in ("a", "b", None))
-    rows = generate(fresh, prompts + prompts, adapter=["a", "b", None, "a", "b", None, "a", "b"], **kw)[0]
-    assert torch.equal(rows, torch.stack([ga[0], gb[1], g0[2], ga[3], gb[0], g0[1], ga[2], gb[3]]))
-    assert not torch.equal(ga, gb)                       # the adapters really differ
-    mix4, mix2 = (generate(fresh, prompts, adapter="a", mix_adapter=None, mix_beta=b, **kw)[0] for b in (0.4, 0.2))
-    rows = generate(fresh, prompts + prompts, adapter=["a"] * 8, mix_adapter=None,
-                    mix_beta=[0.4, 0, 0.4, 0, 0.2, 0.4, 0.4, 0], **kw)[0]
-    assert torch.equal(rows, torch.stack([mix4[0], ga[1], mix4[2], ga[3], mix2[0], mix4[1], mix4[2], ga[3]]))
-
-
-def test_generate_rows_equal_the_full_batch_rows(fresh):
-    """generate(rows=...) samples exactly the chosen rows of the full batch (same random numbers), so torchrun ranks
-    that each generate their own slice reproduce a single process."""
-    fresh.add_adapter("a", r=4, alpha=8)
-    randomize(fresh, "a", seed=1, scale=0.3)
-    prompts = [[1, 5, 9, 33], [1, 7], [1, 2, 3, 4, 5, 6], [1, 90]]
-    kw = dict(max_new_tokens=10, temperature=1.0, adapter=["a", None, "a", None], mix_beta=[0.0, 0.0, 0.3, 0.0])
-    full = generate(fresh, prompts, generator=torch.Generator().manual_seed(7), **kw)
-    for rows in ([1, 3], [0, 2], [2]):
-        part = generate(fresh, prompts, generator=torch.Generator().manual_seed(7), rows=rows, **kw)
-        assert all(torch.equal(p, f[rows][:, -p.size(1):]) for p, f in zip(part, full))
-        assert all(f[rows][:, :-p.size(1)].sum() == 0 for p, f in zip(part[1:], full[1:]))   # only padding cut
-    # A slice whose rows all stop early still leaves the generator where the full batch leaves it.
-    stop = (int(full[0][1, -8]),)
-    g_full, g_part = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-    full = generate(fresh, prompts, generator=g_full, stop_tokens=stop, **kw)
-    part = generate(fresh, prompts, generator=g_part, stop_tokens=stop, rows=[1], **kw)
-    assert part[2].sum() < 10 and torch.equal(part[0], full[0][[1]][:, -part[0].size(1):])
-    assert torch.equal(g_full.get_state(), g_part.get_state())
