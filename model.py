@@ -71,7 +71,7 @@ def rope_tables(head_dim, length, base, device=None):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate-half RoPE (HF/Phi-3): dimension i pairs with i + hd/2. x (B, T, nh, hs); cos, sin (B, T, 1, hs)."""
+    """Rotate-half RoPE (HF/Phi-3): dim i pairs with i + hd/2.  x (B, T, nh, hs), cos/sin (B, T, 1, hs)"""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -102,7 +102,8 @@ class LoRALinear(nn.Linear):
 class Attention(nn.Module):
     def __init__(self, cfg, layer):
         super().__init__()
-        self.layer, self.n_head, self.n_kv_head, self.hs = layer, cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
+        self.layer, self.n_head, self.n_kv_head = layer, cfg.n_head, cfg.n_kv_head
+        self.hs = cfg.n_embd // cfg.n_head
         self.qkv_proj = LoRALinear(cfg.n_embd, (cfg.n_head + 2 * cfg.n_kv_head) * self.hs)    # W = [q; k; v]
         self.o_proj = LoRALinear(cfg.n_embd, cfg.n_embd)
 
@@ -114,7 +115,7 @@ class Attention(nn.Module):
         q, k = apply_rope(qk, cos, sin).split([H, Hkv], dim=2)                 # rotate q and k in one call
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)      # (B, nh, T, hs)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)                              # (B, Hkv, L, hs), all keys so far
+            k, v = cache.update(self.layer, k, v)                              # (B, Hkv, L, hs): all so far
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=Hkv != H)               # (B, H, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C), lora)
@@ -156,7 +157,7 @@ class GPT(nn.Module):
             embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
             layers=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
             norm=RMSNorm(config.n_embd, config.norm_eps)))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)      # untied from the embedding
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)      # untied embedding
         self.adapters = {}                  # name -> (r, alpha), in the order of the columns of every gate
         self.checkpointing = False          # recompute each block in backward (activation memory / n_layer)
         for m in self.modules():            # GPT-2 style init for models built from scratch (no-op on meta)
@@ -173,9 +174,10 @@ class GPT(nn.Module):
 
     def trunk(self, idx, adapters=None, cache=None, mask=None):
         """idx (B, T) -> final-normed hidden states (B, T, C).
-        mask (B, T): 1 on real tokens, 0 on left padding (None: all real). A token's RoPE position is the number
-        of real tokens before it, so a left-padded prompt gets the positions of the unpadded one. Query t sees
-        key s iff s ≤ t and s is real; every query sees itself, so a row of padding never softmaxes over nothing."""
+        mask (B, T): 1 on real tokens, 0 on left padding (None: all real). A token's RoPE position is the
+        number of real tokens before it, so a left-padded prompt gets the positions of the unpadded one.
+        Query t sees key s iff s ≤ t and s is real; every query sees itself, so a row of padding never
+        softmaxes over nothing."""
         B, T = idx.shape
         real = torch.ones_like(idx, dtype=torch.bool) if mask is None else mask.bool()
         pos, keys = ((real.cumsum(1) - 1).clamp(min=0), real) if cache is None else cache.advance(real)
@@ -200,7 +202,7 @@ class GPT(nn.Module):
         return self.model.norm(x)
 
     def forward(self, idx, adapters=None, cache=None, mask=None, last_only=False):
-        """idx (B, T) -> logits (B, T, V); (B, 1, V) with last_only (a prefill only needs the last position)."""
+        """idx (B, T) -> logits (B, T, V), or (B, 1, V) with last_only (what a prefill needs)."""
         h = self.trunk(idx, adapters, cache, mask)
         return self.lm_head(h[:, -1:] if last_only else h)
 
@@ -279,7 +281,7 @@ class KVCache:
         self.len = 0
 
     def advance(self, real):
-        """Append T slots, real (B, T) -> RoPE positions of the new tokens (B, T) and the key mask (B, len)."""
+        """Append T slots, real (B, T) -> RoPE positions of the new tokens (B, T), key mask (B, len)."""
         T, seen = real.size(1), self.real[:, :self.len].sum(1, keepdim=True)
         self.real[:, self.len:self.len + T] = real
         self.len += T
@@ -304,15 +306,15 @@ def left_pad(seqs, pad_id, extra=0):
 
 
 def sample_next(logits, u, temperature, top_p=1.0):
-    """logits (B, V), u (B,) uniforms in [0, 1) -> (B,) ids. temperature 0: greedy. top_p < 1: nucleus sampling
-    (the smallest set of most likely tokens whose mass reaches top_p). Inverse-CDF sampling: the first id whose
-    cumulative probability exceeds u; a row's draw depends on its own u only."""
+    """logits (B, V), u (B,) uniforms in [0, 1) -> (B,) ids. temperature 0: greedy. top_p < 1: nucleus
+    sampling (the smallest set of most likely tokens whose mass reaches top_p). Inverse-CDF sampling: the
+    first id whose cumulative probability exceeds u; a row's draw depends on its own u only."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = (logits.float() / temperature).softmax(-1)                   # (B, V)
     if top_p < 1.0:
         p_sorted, idx = probs.sort(-1, descending=True)
-        drop = p_sorted.cumsum(-1) - p_sorted >= top_p                   # the mass before it already reaches top_p
+        drop = p_sorted.cumsum(-1) - p_sorted >= top_p                   # the mass before it reaches top_p
         probs = probs.scatter(-1, idx, p_sorted.masked_fill(drop, 0.0))
     cdf = probs.cumsum(-1)                                               # (B, V)
     i = torch.searchsorted(cdf, (u * cdf[:, -1] * (1 - 2 ** -22))[:, None], right=True).squeeze(-1)
@@ -325,8 +327,8 @@ def generate(model, prompts, max_new_tokens, *, adapters=None, mix_beta=0.0, mix
     """Batched, KV-cached sampling of up to max_new_tokens after each prompt (token lists, left-padded).
       adapters       None, a name, or one per prompt: the policy each row samples from
       mix_beta       float or one per prompt: row b samples from the per-token geometric mixture
-                     (1 − β_b) log π_row + β_b log π_mix_adapter (None = base). Such a row gets a twin row under
-                     mix_adapter in the same forward pass, with its own KV cache.
+                     (1 − β_b) log π_row + β_b log π_mix_adapter (None = base). Such a row gets a twin row
+                     under mix_adapter in the same forward pass, with its own KV cache.
       vocab          allowed token ids (constrained decoding); stop_ids end a row (the stop token is kept)
       uniforms       (B, max_new_tokens) in [0, 1), one per sampled token; else drawn from `generator`.
                      Passing them makes each row's sample independent of the other rows in the batch.

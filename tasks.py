@@ -7,8 +7,8 @@ the same for both:
     task.judge(model, r1, r2, adapters, both_orders) -> (P(y ≻ y') per pair (B,), stats)
     task.measure(model, adapter) -> {"gap": ..., "gap0": ...} exact duality gaps of the policy (toy), or {}
 
-ToyTask  (--model tiny): a tiny random Phi-3 answers 4 prompts with L tokens from {a, b, c}; each prompt is a game
-         from games.py, whose P judges; the policy can be enumerated, so its duality gap is exact.
+ToyTask  (--model tiny): a tiny random Phi-3 answers 4 prompts with L tokens from {a, b, c}; each prompt is a
+         game from games.py, whose P judges; the policy can be enumerated, so its duality gap is exact.
 ChatTask (--model phi3): real prompts; an LM reads a judge prompt and answers "1" or "2".
 """
 import json
@@ -41,9 +41,9 @@ class Rollout(NamedTuple):
 
 
 class ToyTask:
-    """4 prompts, each its own game over the n = 3^L responses {a,b,c}^L. L = 1: rock-paper-scissors, Gardner's
-    dice, a weighted cycle, NLHF's 3-type game; L ≥ 2: random games. The game's P is the judge (an oracle; with
-    label noise ε the game becomes P_ε = ε + (1 − 2ε) P). μ is the model's own policy with adapters off."""
+    """4 prompts, each its own game over the n = 3^L responses {a,b,c}^L. L = 1: rock-paper-scissors,
+    Gardner's dice, a weighted cycle, NLHF's 3-type game; L ≥ 2: random games. The game's P is the judge (an
+    oracle; with label noise ε the game is P_ε = ε + (1 − 2ε) P). μ: the model's policy, adapters off."""
     def __init__(self, cfg):
         self.tok, L = tiny_tokenizer(), cfg.max_new_tokens
         self.texts = ["RPS:", "Dice:", "Cycle:", "NLHF:"] if L == 1 else ["A:", "B:", "C:", "D:"]
@@ -67,7 +67,8 @@ class ToyTask:
     @torch.no_grad()
     def policy(self, model, adapter):
         """The exact table π(y | x_k): (K, n), float64. One forward over all K·n prompt-response sequences."""
-        seqs = [p + [int(self.vocab[a]) for a in y] for p in self.prompts for y in product(range(3), repeat=self.L)]
+        ys = list(product(self.vocab.tolist(), repeat=self.L))             # {a,b,c}^L, in base-3 order
+        seqs = [p + list(y) for p in self.prompts for y in ys]
         tokens, mask = left_pad(seqs, self.tok.pad_id)
         resp = torch.zeros_like(mask)
         resp[:, -self.L:] = 1
@@ -82,15 +83,16 @@ class ToyTask:
                 "gap0": nano_nash.duality_gap(self.P, pi).mean().item()}
 
 
-JUDGE = ("Which response is better? Read the question and the two responses, then decide which response answers "
-         "the question better.\n\nQuestion:\n", "\n\nResponse 1:\n", "\n\nResponse 2:\n",
+JUDGE = ("Which response is better? Read the question and the two responses, then decide which response "
+         "answers the question better.\n\nQuestion:\n", "\n\nResponse 1:\n", "\n\nResponse 2:\n",
          "\n\nOutput 1 or 2 and nothing else.")
 
 
 class ChatTask:
     """Real prompts; an LM judges. The judge's input is assembled from token ids: the template's pieces, the
-    prompt's ids as the policy saw them (cut to max_prompt_tokens) and each response's generated ids with every
-    special id removed, so neither a prompt nor a response can write a control token into the judge's input."""
+    prompt's ids as the policy saw them (cut to max_prompt_tokens) and each response's generated ids with
+    every special id removed, so neither a prompt nor a response can write a control token into the judge's
+    input."""
     def __init__(self, tok, texts, max_prompt_tokens):
         self.tok, self.texts, self.vocab, self.stop_ids = tok, texts, None, tok.stop_ids
         self.user = [tok.encode(t)[:max_prompt_tokens] for t in texts]
@@ -102,9 +104,9 @@ class ChatTask:
         self.answers = [tok.encode("1")[-1], tok.encode("2")[-1]]
 
     def judge_ids(self, k, a, b):
-        clean = [i for i in a if i not in self.tok.special_ids], [i for i in b if i not in self.tok.special_ids]
+        a, b = ([i for i in ids if i not in self.tok.special_ids] for ids in (a, b))
         p = self.pieces
-        return self.tok.chat(p[0] + self.user[k] + p[1] + clean[0] + p[2] + clean[1] + p[3])
+        return self.tok.chat(p[0] + self.user[k] + p[1] + a + p[2] + b + p[3])
 
     @torch.no_grad()
     def judge(self, model, r1, r2, adapters=None, both_orders=False):
@@ -123,7 +125,7 @@ class ChatTask:
 
 
 def load_prompts(path):
-    """JSON lines or a JSON array of strings or {"prompt": ...} objects, or plain text (one prompt per line)."""
+    """JSON lines or a JSON array, of strings or {"prompt": ...} objects; or plain text, one prompt a line."""
     path = Path(path)
     try:
         text = path.read_bytes().decode("utf-8-sig")              # -sig: a byte-order mark is not text
@@ -134,9 +136,10 @@ def load_prompts(path):
     lines = text.splitlines()
     if path.suffix in (".json", ".jsonl") or text.lstrip()[:1] in ("{", "["):
         try:
-            items = json.loads(text) if text.lstrip()[:1] == "[" else [json.loads(s) for s in lines if s.strip()]
+            array = text.lstrip()[:1] == "["
+            items = json.loads(text) if array else [json.loads(s) for s in lines if s.strip()]
         except ValueError as e:
-            raise UserError(f"{path}: not valid JSON ({e}); use one {{\"prompt\": ...}} object per line") from None
+            raise UserError(f"{path}: not valid JSON ({e}); write one {{\"prompt\": ...}} per line") from None
         lines = [x.get("prompt") if isinstance(x, dict) else x for x in items]
         bad = next((i for i, x in enumerate(lines, 1) if not isinstance(x, str)), None)
         if bad:
@@ -174,15 +177,15 @@ def find_weights(cfg):
     hub = os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub"
     path = Path(given or Path(hub) / "models--microsoft--Phi-3-mini-4k-instruct").expanduser()
     if not given and not path.is_dir():
-        raise UserError(f"Phi-3 weights not found (no --weights, no $NANO_NASH_WEIGHTS, nothing at {path}); get "
-                        "them with `huggingface-cli download microsoft/Phi-3-mini-4k-instruct --local-dir DIR` "
-                        "and pass --weights DIR")
+        raise UserError(f"Phi-3 weights not found (no --weights, no $NANO_NASH_WEIGHTS, nothing at {path}); "
+                        "get them with `huggingface-cli download microsoft/Phi-3-mini-4k-instruct "
+                        "--local-dir DIR` and pass --weights DIR")
     return find_checkpoint(path)
 
 
 def setup(cfg, held_out=False):
-    """(frozen base model, task, base model's name). The real run checks everything cheap first (prompts, device,
-    config.json, tokenizer, lengths) and loads the weights last. held_out: every 10th prompt (for --eval)."""
+    """(frozen base model, task, base model's name). The real run checks everything cheap first (prompts,
+    device, config.json, tokenizer, lengths) and loads the weights last. held_out: every 10th prompt."""
     device = pick_device(cfg)
     if cfg.model == "tiny":
         torch.set_num_threads(1)           # tiny matrices: more threads only add overhead
@@ -195,13 +198,13 @@ def setup(cfg, held_out=False):
     prompts = Path(cfg.prompts or ROOT / "data" / "prompts.jsonl")
     texts = load_prompts(prompts)
     if held_out and len(texts) < 10:
-        raise UserError(f"--eval holds out every 10th prompt and {prompts} has only {len(texts)}; give 10 or more")
+        raise UserError(f"--eval holds out every 10th prompt and {prompts} has only {len(texts)}; give 10+")
     texts = [t for i, t in enumerate(texts) if (i % 10 == 9) == held_out] or texts
     folder = find_weights(cfg)
     config, tok = read_config(folder / "config.json"), load_tokenizer(folder)
     if tok.vocab_size > config.vocab_size:
-        raise UserError(f"{folder}: the tokenizer has ids up to {tok.vocab_size - 1}, the model's vocabulary only "
-                        f"{config.vocab_size}; tokenizer.json and config.json are from different models")
+        raise UserError(f"{folder}: the tokenizer has ids up to {tok.vocab_size - 1}, the model's vocabulary "
+                        f"only {config.vocab_size}; tokenizer.json and config.json are from different models")
     task = ChatTask(tok, texts, cfg.max_prompt_tokens)
     longest = max(map(len, task.prompts)) + cfg.max_new_tokens
     judge = len(task.judge_ids(0, [], [])) + cfg.max_prompt_tokens + 2 * cfg.max_new_tokens

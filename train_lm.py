@@ -1,24 +1,19 @@
 """
 train_lm.py: train a language model toward the Nash equilibrium of a preference game.
 
-    python train_lm.py                               # the proof: a tiny Phi-3 plays known games, exact gaps (CPU)
+    python train_lm.py                               # the proof: a tiny Phi-3 plays known games; exact gaps
     python train_lm.py --algo inpo                   # one algorithm of the toy game
-    python train_lm.py --model phi3 [--weights DIR]  # the real run: Phi-3-mini, LoRA players, the model judges
-    python train_lm.py --model phi3 --eval           # win rate of the trained policy vs the base, AlpacaEval JSON
-    python train_lm.py --model phi3 --dry_run        # the memory a step needs, from config.json alone
+    python train_lm.py --model phi3 [--weights DIR]  # Phi-3-mini, LoRA players, the model judges (LANA)
+    python train_lm.py --model phi3 --eval           # win rate of the trained policy vs the base
+    python train_lm.py --model phi3 --dry_run        # the memory of a step, from config.json alone
 
-Two tasks behind one interface (prompts, vocab, stop_ids, judge, measure), so the loop and every step read the
-same for both:
-  ToyTask  (--model tiny)  a tiny random Phi-3 answers 4 prompts with --max_new_tokens L tokens from {a, b, c};
-           each prompt is its own game from games.py, which is the judge; the policy can be enumerated, so every
-           logged step measures its exact duality gap.
-  ChatTask (--model phi3)  Phi-3-mini answers real prompts and an LM judges ("... Output 1 or 2", nano_nash.
-           judge_preference): for LANA the other player, for INPO and Nash-MD-PG the base model.
-The algorithms live in ALGOS: a step function (sample, judge, score, loss), the adapters it keeps on the one
-base model, which gap measures it, its memory rows and its defaults. The math is in nano_nash.py; what is on disk
-in weights.py (models) and runs.py (checkpoints, resume, the log). Simplifications: one gradient step per batch;
-duel labels are sampled (y_w ~ λ_p: y wins with probability P(y ≻ y')); the real run samples at temperature 0.1
-(LANA's setting), which INPO's and Nash-MD-PG's theory (y ~ π) does not cover.
+Reading order: the config; the pieces of a step (sample, judge, score, duel); one step function per algorithm
+and the registry ALGOS (each algorithm's step, adapters, yardstick, memory rows and defaults); the loop; eval;
+--dry_run; main. The loop and the steps are the same for the toy game and the real run: both are a task
+(tasks.py). The losses are in nano_nash.py; weights on disk in weights.py; checkpoints, resume and torchrun in
+runs.py. Simplifications: one gradient step per batch; duel labels are sampled (y wins with probability
+P(y ≻ y'), INPO's λ_p); the real run samples at temperature 0.1 (LANA's setting), which the theory of INPO and
+Nash-MD-PG (y ~ π) does not cover.
 """
 import argparse
 import hashlib
@@ -49,7 +44,7 @@ ROOT = Path(__file__).resolve().parent
 class TrainConfig:
     model: str = "tiny"            # tiny: the toy game (exact gaps, CPU) | phi3: Phi-3-mini-4k-instruct
     algo: str = ""                 # a key of ALGOS; "": tiny all (every algorithm, one run each), phi3 lana
-    weights: str = ""              # phi3: a folder or HF cache; else $NANO_NASH_WEIGHTS, else ~/.cache/huggingface
+    weights: str = ""              # phi3: a folder or HF cache; else $NANO_NASH_WEIGHTS, else ~/.cache
     prompts: str = ""              # phi3: .jsonl / .json / .txt; "" = data/prompts.jsonl
     out_dir: str = "out/lm"        # run folders: out_dir/<algo>/ (runs.py)
     figure: str = "figures/lm_convergence.png"   # tiny --algo all: the gap curves beside the closed form
@@ -90,9 +85,9 @@ def parse_args(argv=None):
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
-POSITIVE = "batch_size samples max_new_tokens lora_rank save_every log_every max_prompt_tokens iter_steps".split()
 CHECKS = [  # (flags, what must hold, what it must be): every flag is checked here, before anything is loaded
-    (POSITIVE, lambda v: v >= 1, "a positive integer"),
+    ("batch_size samples max_new_tokens lora_rank save_every log_every max_prompt_tokens iter_steps".split(),
+     lambda v: v >= 1, "a positive integer"),
     (["max_steps"], lambda v: 0 <= v < 10**9, "an integer >= 0"),
     (["lr", "tau", "eta", "temperature"], lambda v: 0 < v < math.inf, "a finite number > 0"),
     (["adam_beta1", "mix_beta"], lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -127,11 +122,12 @@ def check(cfg):
 def sample(model, task, cfg, k, adapters, u, mix_beta=0.0):
     """R responses per slot: k (S,) prompt of each slot, u (S, R, N) uniforms -> a Rollout of R·S rows, block
     by block ([first response of every slot; second; ...]); adapters and mix_beta: one, or one per row."""
-    R = u.size(1)
-    t, m, r = generate(model, [task.prompts[i] for i in k.repeat(R).tolist()], cfg.max_new_tokens,
-                       adapters=adapters, mix_beta=mix_beta, temperature=cfg.temperature, vocab=task.vocab,
-                       stop_ids=task.stop_ids, pad_id=task.tok.pad_id, uniforms=u.transpose(0, 1).flatten(0, 1))
-    return Rollout(t, m, r, k.repeat(R))
+    k = k.repeat(u.size(1))
+    t, m, r = generate(model, [task.prompts[i] for i in k.tolist()], cfg.max_new_tokens, adapters=adapters,
+                       mix_beta=mix_beta, temperature=cfg.temperature, vocab=task.vocab,
+                       stop_ids=task.stop_ids, pad_id=task.tok.pad_id,
+                       uniforms=u.transpose(0, 1).flatten(0, 1))                 # (R·S, N), block by block
+    return Rollout(t, m, r, k)
 
 
 def score(model, task, r, adapters, grad=False):
@@ -188,7 +184,7 @@ def step_lana(model, task, cfg, k, rng, step, printed_sign=False):
     adapters): rows [y of player 1; y of player 2; y' of player 1; y' of player 2]."""
     S, me = len(k), ["player1"] * len(k) + ["player2"] * len(k)
     opp = me[S:] + me[:S]                                          # the judge of each pair: the other player
-    r = sample(model, task, cfg, k, me + me, rng(2, 2, cfg.max_new_tokens).flatten(1, 2))   # (S, 4, N) uniforms
+    r = sample(model, task, cfg, k, me + me, rng(2, 2, cfg.max_new_tokens).flatten(1, 2))      # 4 rows/slot
     pref, st = task.judge(model, *halves(r), opp, cfg.judge_both_orders)
     w, l = duel(pref, rng(2).T.flatten())
     lp_l = score(model, task, r.take(l), me, grad=True)           # each loser under its own player
@@ -198,25 +194,30 @@ def step_lana(model, task, cfg, k, rng, step, printed_sign=False):
 
 
 class Algo(NamedTuple):
-    step: Callable
-    adapters: tuple       # adapters on the base; the first `trained` are trained (the others frozen copies)
+    step: Callable        # (model, task, cfg, k, rng, step) -> (loss, stats)
+    adapters: tuple       # the adapters it keeps on the base; the first `trained` ones are trained
     trained: int
-    gap: str              # "gap": DualGap_τ (it targets π*_τ) | "gap0": DualGap_0 (no τ, no μ: the NE)
-    rows: tuple           # per slot: (rows in one generate call, rows with an autograd graph), for --dry_run
-    tiny: tuple           # the defaults of the 9 None fields of TrainConfig, in HPARAMS order, for --model tiny
+    gap: str              # its yardstick: "gap" = DualGap_τ (targets π*_τ), "gap0" = DualGap_0 (no τ, no μ)
+    rows: tuple           # per slot: rows in the generate call, rows with an autograd graph (for --dry_run)
+    tiny: tuple           # the defaults of TrainConfig's None fields (HPARAMS order) for --model tiny
     phi3: tuple           # ... and for --model phi3
 
 
-# tiny: tuned so `python train_lm.py` converges in < 3 min on 2 CPU cores. phi3: LANA's paper (§6: lr 3e-4, batch 4,
-# temperature 0.1, 128 new tokens) for all, INPO's paper for its τ, η (App. B: η_I = 0.005, τ = η_I/3).
+# Every default that depends on the algorithm or the model. tiny: tuned so that `python train_lm.py` converges
+# in < 3 min on 2 CPU cores. phi3: LANA's paper (§6: lr 3e-4, batch 4, temperature 0.1, 128 new tokens), and
+# INPO's paper for its τ and η (App. B: η_I = 0.005, so η = 200; τ = η_I/3, so ητ = 1/3).
 HPARAMS = "max_steps samples lr adam_beta1 tau eta iter_steps max_new_tokens temperature".split()
-ALGOS = {   #                                                       steps smp lr  beta1  tau  eta iter new temp
-    "inpo": Algo(step_inpo, ("policy", "prev"), 1, "gap", (2, 2), (300, 32, 1e-3, .9, .1, 4 / 3, 5, 1, 1.),
-                 (750, 1, 3e-4, 0., .005 / 3, 200., 250, 128, .1)),
-    "nash_md_pg": Algo(step_nash_md_pg, ("policy",), 1, "gap", (3, 1), (300, 32, 2e-4, 0., .1, None, None, 1, 1.),
-                       (750, 1, 3e-4, 0., .008, None, None, 128, .1)),
-    "lana": Algo(step_lana, ("player1", "player2"), 2, "gap0", (4, 2), (300, 8, 3e-4, 0., .1, None, None, 1, 1.),
-                 (750, 1, 3e-4, 0., None, None, None, 128, .1)),
+ALGOS = {
+    "inpo": Algo(step_inpo, ("policy", "prev"), 1, "gap", rows=(2, 2),
+                 #     steps samples lr    beta1 tau       eta    iter  new  temperature
+                 tiny=(300,  32,     1e-3, .9,   .1,       4 / 3, 5,    1,   1.),
+                 phi3=(750,  1,      3e-4, 0.,   .005 / 3, 200.,  250,  128, .1)),
+    "nash_md_pg": Algo(step_nash_md_pg, ("policy",), 1, "gap", rows=(3, 1),
+                       tiny=(300, 32, 2e-4, 0., .1, None, None, 1, 1.),
+                       phi3=(750, 1, 3e-4, 0., .008, None, None, 128, .1)),
+    "lana": Algo(step_lana, ("player1", "player2"), 2, "gap0", rows=(4, 2),
+                 tiny=(300, 8, 3e-4, 0., .1, None, None, 1, 1.),
+                 phi3=(750, 1, 3e-4, 0., None, None, None, 128, .1)),
 }
 ALGOS["lana_printed"] = ALGOS["lana"]._replace(step=lambda *a: step_lana(*a, printed_sign=True))
 MATH = ["model", "algo", "base", "prompts_sha", "batch_size", "samples", "lr", "adam_beta1", "tau", "eta",
@@ -234,7 +235,7 @@ def resolve(cfg, algo):
 # training
 
 def train(cfg, path, shard=Shard()):
-    """Train one algorithm in run folder `path` (runs.py); returns its log records."""
+    """Train one algorithm in the run folder `path` (runs.py); returns its log records."""
     model, task, base = setup(cfg)
     algo, device = ALGOS[cfg.algo], model.lm_head.weight.device
     sha = hashlib.sha256(json.dumps(task.texts).encode()).hexdigest()[:16]
@@ -249,9 +250,10 @@ def train(cfg, path, shard=Shard()):
         if state:
             opt.load_state_dict(state["optimizer"])
             gen.set_state(state["rng"])
-        print(f"{path.name}: {cfg.algo} on {cfg.model} ({device}), {sum(p.numel() for p in params):,} trainable "
-              f"parameters in {', '.join(algo.adapters[:algo.trained])}, {len(task.prompts)} prompts, steps "
-              f"{state.get('step', 0)}..{cfg.max_steps}" + (f", {shard.world} processes" * (shard.world > 1)))
+        print(f"{path.name}: {cfg.algo} on {cfg.model} ({device}), {sum(p.numel() for p in params):,} "
+              f"trainable parameters in {', '.join(algo.adapters[:algo.trained])}, {len(task.prompts)} "
+              f"prompts, steps {state.get('step', 0)}..{cfg.max_steps}"
+              + f", {shard.world} processes" * (shard.world > 1))
         loop(cfg, model, task, algo, run, opt, gen, params, state.get("step", 0), base, shard)
         if run.writer:
             plot({path.name: run.records()}, path / "plot.png")
@@ -259,7 +261,9 @@ def train(cfg, path, shard=Shard()):
 
 
 def loop(cfg, model, task, algo, run, opt, gen, params, start, base, shard):
-    slots, device = cfg.batch_size * cfg.samples, gen.device          # the global batch: prompt x sample slots
+    """Steps start..max_steps: sample a batch, one algorithm step, backward, all-reduce, check, AdamW, log,
+    save. A record logs the exact gaps (toy) of the policy before the step's update, and the step's stats."""
+    slots, device = cfg.batch_size * cfg.samples, gen.device      # the global batch: prompt x sample slots
 
     def rng(*shape):                                          # the global draw, this process's slots
         return torch.rand(slots, *shape, generator=gen, device=device)[shard.mine(slots)]
@@ -272,7 +276,7 @@ def loop(cfg, model, task, algo, run, opt, gen, params, start, base, shard):
         for step in range(start, cfg.max_steps + 1):
             rec = {"step": step}
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                rec.update(task.measure(model, algo.adapters[0]))     # the policy before this step's update
+                rec.update(task.measure(model, algo.adapters[0]))
             if step == cfg.max_steps:
                 break
             t0 = time.time()
@@ -286,7 +290,8 @@ def loop(cfg, model, task, algo, run, opt, gen, params, start, base, shard):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             vals = all_reduce(params, [loss.detach(), *st.values()], shard)
-            if not (torch.isfinite(vals[0]) and torch.isfinite(torch.nn.utils.clip_grad_norm_(params, math.inf))):
+            gnorm = torch.nn.utils.clip_grad_norm_(params, math.inf)
+            if not (torch.isfinite(vals[0]) and torch.isfinite(gnorm)):
                 raise diverged(step, "the loss or its gradient is not finite")
             for g in opt.param_groups:        # cosine decay to 0: a function of the step, nothing to save
                 g["lr"] = cfg.lr * (0.5 + 0.5 * math.cos(math.pi * step / cfg.max_steps) if cfg.cosine else 1)
@@ -299,14 +304,14 @@ def loop(cfg, model, task, algo, run, opt, gen, params, start, base, shard):
                 print(f"{run.path.name} step {step:4d} | " + " | ".join(
                     f"{k} {v:.4g}" for k, v in rec.items() if k != "step"), flush=True)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.max_steps or stop.signal:
-                x = torch.tensor([task.prompts[0]], device=device)   # only a model with finite logits is saved
+                x = torch.tensor([task.prompts[0]], device=device)   # only a finite model is saved
                 with torch.no_grad():
                     if not all(torch.isfinite(model(x, a)).all() for a in algo.adapters):
                         raise diverged(step + 1, "the adapters give non-finite logits")
-                run.save(step + 1, model, algo.adapters, {"optimizer": opt.state_dict(), "rng": gen.get_state()},
-                         base)
+                state = {"optimizer": opt.state_dict(), "rng": gen.get_state()}
+                run.save(step + 1, model, algo.adapters, state, base)
             if stop.signal:
-                raise UserError(f"stopped by {stop.signal} after step {step + 1}; checkpoint in {run.latest()}; "
+                raise UserError(f"stopped by {stop.signal} after step {step + 1}, saved in {run.latest()}; "
                                 "continue with the same command and --resume")
     run.log(rec)
     run.finish()
@@ -317,8 +322,8 @@ def loop(cfg, model, task, algo, run, opt, gen, params, start, base, shard):
 
 @torch.no_grad()
 def evaluate(cfg, path):
-    """Win rate of the trained policy against the base on held-out prompts (toy: the 4 games), judged by the base
-    in both orders (toy: by P); 95% CI over samples. Writes AlpacaEval JSON: {instruction, output, generator}."""
+    """Win rate of the trained policy against the base on the held-out prompts (toy: the games), judged by the
+    base in both orders (toy: by P); 95% CI. Writes AlpacaEval JSON ({instruction, output, generator})."""
     model, task, _ = setup(cfg, held_out=True)
     run, player = Run(path, {}, [], resume=True, writer=False), ALGOS[cfg.algo].adapters[0]
     if run.latest() is None:
@@ -334,18 +339,18 @@ def evaluate(cfg, path):
         ours, base = sample(model, task, cfg, k, player, u), sample(model, task, cfg, k, None, u)
         prefs.append(task.judge(model, ours, base, None, True)[0].cpu())
         for b, i in enumerate(k.tolist()):
-            text = [task.tok.decode(r.tokens[b][r.resp[b].bool()].tolist(), skip_special=True).strip()
-                    for r in (ours, base)]
-            rows.append((task.texts[i], *text))
+            ids = [r.tokens[b][r.resp[b].bool()].tolist() for r in (ours, base)]
+            rows.append((task.texts[i], *(task.tok.decode(x, skip_special=True).strip() for x in ids)))
     pref = torch.cat(prefs).double()
     n, m = len(pref), pref.mean().item()
     half = 1.96 * pref.std().item() / math.sqrt(n) if n > 1 else 0.0
     result = dict(checkpoint=str(run.latest()), win_rate=m, ci95=[m - half, m + half], n=n)
     out = path / "eval"
     out.mkdir(exist_ok=True)
-    for name, obj in (("model_outputs.json", [dict(instruction=x, output=a, generator=path.name) for x, a, _ in rows]),
-                      ("reference_outputs.json", [dict(instruction=x, output=b, generator="base") for x, _, b in rows]),
-                      ("results.json", result)):
+    for name, obj in (("model_outputs.json", [dict(instruction=x, output=a, generator=path.name)
+                                              for x, a, _ in rows]),
+                      ("reference_outputs.json", [dict(instruction=x, output=b, generator="base")
+                                                  for x, _, b in rows]), ("results.json", result)):
         (out / name).write_text(json.dumps(obj, indent=1, ensure_ascii=False))
     print(f"{path.name}: win rate vs the base {m:.3f} (95% CI {m - half:.3f}..{m + half:.3f}, n = {n}); "
           f"AlpacaEval JSON in {out}")
@@ -357,22 +362,23 @@ def evaluate(cfg, path):
 
 def memory(c, cfg, dtype_bytes=2):
     """Bytes of one step (GB = 1e9). B = batch·samples slots, T = prompt + new tokens, N = new tokens,
-    R = the rank of all the algorithm's adapters together (they run in one LoRA matmul).
+    R = the rank of all of the algorithm's adapters together (they run in one LoRA matmul).
       base          every weight once, in the compute dtype (the reference, the judge, every player share it)
-      adapters      float32 A, B of each adapter; gradients (4 bytes) and AdamW's m, v (8) for the trained ones
-      kv_cache      the one generate call of a step: rows · T · n_layer · 2 (k, v) · n_kv_head · head_dim
+      adapters      float32 A, B of each adapter; its gradient (4 bytes) and AdamW's m, v (8) if trained
+      kv_cache      the step's one generate call: rows · T · n_layer · 2 (k, v) · n_kv_head · head_dim
       activations   what autograd keeps per token and layer (q, k, v, attention out, gate_up, silu, and the
                     float32 LoRA inputs and bottlenecks), plus float32 logits at the response positions
-    Generation and training run one after the other: total = static + max(kv_cache, activations)."""
+    Generation and training run one after the other: total = base + adapters + max(kv_cache, activations)."""
     C, I, hd, L, V = c.n_embd, c.intermediate_size, c.n_embd // c.n_head, c.n_layer, c.vocab_size
-    algo, B = ALGOS[cfg.algo], cfg.batch_size * cfg.samples
-    T, N, R = cfg.max_prompt_tokens + cfg.max_new_tokens, cfg.max_new_tokens, cfg.lora_rank * len(algo.adapters)
-    lora = L * cfg.lora_rank * (C + (C + 2 * c.n_kv_head * hd) + 2 * C + C + 2 * I + I + C)
-    per_tok = (3 * C + 3 * c.n_kv_head * hd + 3 * I) * dtype_bytes + (5 * C + I + 4 * R) * 4
+    algo, B, kv = ALGOS[cfg.algo], cfg.batch_size * cfg.samples, c.n_kv_head * hd
+    N, R = cfg.max_new_tokens, cfg.lora_rank * len(algo.adapters)
+    T = cfg.max_prompt_tokens + N
+    lora = L * cfg.lora_rank * (6 * C + 2 * kv + 3 * I)                # A, B of the 4 linear layers
+    per_tok = (3 * C + 3 * kv + 3 * I) * dtype_bytes + (5 * C + I + 4 * R) * 4
     gen_rows, graph_rows = algo.rows
-    d = dict(base=dtype_bytes * (2 * V * C + C + L * (C * (2 * C + 2 * c.n_kv_head * hd) + 3 * C * I + 2 * C)),
+    d = dict(base=dtype_bytes * (2 * V * C + C + L * (C * (2 * C + 2 * kv) + 3 * C * I + 2 * C)),
              adapters=4 * lora * len(algo.adapters) + 12 * lora * algo.trained,
-             kv_cache=gen_rows * B * T * L * 2 * c.n_kv_head * hd * dtype_bytes,
+             kv_cache=gen_rows * B * T * L * 2 * kv * dtype_bytes,
              activations=graph_rows * B * (T * L * per_tok + N * V * 4))
     d["total"] = d["base"] + d["adapters"] + max(d["kv_cache"], d["activations"])
     return d
@@ -382,8 +388,8 @@ def dry_run(cfg):
     c = GPTConfig.from_name("tiny") if cfg.model == "tiny" else \
         read_config(find_weights(cfg) / "config.json") if cfg.weights else GPTConfig.from_name("phi3-mini")
     d = memory(c, cfg, 4 if cfg.dtype == "float32" else 2)
-    print(f"{cfg.algo} on {cfg.model}: batch {cfg.batch_size} x {cfg.samples} samples, {cfg.max_prompt_tokens} "
-          f"+ {cfg.max_new_tokens} tokens, LoRA r = {cfg.lora_rank}\n" +
+    print(f"{cfg.algo} on {cfg.model}: batch {cfg.batch_size} x {cfg.samples} samples, "
+          f"{cfg.max_prompt_tokens} + {cfg.max_new_tokens} tokens, LoRA r = {cfg.lora_rank}\n" +
           "\n".join(f"  {k:<12}{v / 1e9:9.3f} GB" for k, v in d.items()))
     return d
 
@@ -392,26 +398,26 @@ def dry_run(cfg):
 # plot and main
 
 def plot(runs, path, closed=None):
-    """runs: name -> log records: the exact gap per step when logged (toy; DualGap_0 for the methods without τ),
-    else the loss. closed: name -> closed-form curve of games.py for the same games, in a second panel."""
+    """runs: name -> log records, drawn as the exact gap of their yardstick (toy), else the loss.
+    closed: name -> closed-form curve of games.py for the same games, drawn in a second panel."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2 if closed else 1, figsize=(13 if closed else 6.5, 4.5), squeeze=False)
-    for name, recs in runs.items():
-        key = ALGOS[name].gap if name in ALGOS and "gap" in recs[0] else "gap" if "gap" in recs[0] else "loss"
-        pts = [(r["step"], r[key]) for r in recs if key in r]
-        axes[0, 0].plot(*zip(*pts), label=f"{name} ({'DualGap_0' if key == 'gap0' else 'DualGap_τ'})"
-                        if key != "loss" else name, color=getattr(games, 'COLORS', {}).get(name))
     toy = any("gap" in r for recs in runs.values() for r in recs)
+    for name, recs in runs.items():
+        key = ALGOS[name].gap if toy and name in ALGOS else "gap" if toy else "loss"
+        label = f"{name} ({'DualGap_0' if key == 'gap0' else 'DualGap_τ'})" if toy else name
+        pts = [(r["step"], r[key]) for r in recs if key in r]
+        axes[0, 0].plot(*zip(*pts), label=label, color=getattr(games, "COLORS", {}).get(name))
     axes[0, 0].set(xlabel="SGD step", ylabel="exact gap, mean over prompts" if toy else "loss",
-                   yscale="log" if toy else "linear", title="tiny Phi-3 + LoRA on the toy games" if toy else "")
+                   yscale="log" if toy else "linear", title="tiny Phi-3 + LoRA, toy games" if toy else "")
     axes[0, 0].legend(fontsize=8)
     for name, curve in (closed or {}).items():
-        axes[0, 1].plot(curve, label=name, color=getattr(games, 'COLORS', {}).get(name))
+        axes[0, 1].plot(curve, label=name, color=getattr(games, "COLORS", {}).get(name))
     if closed:
-        axes[0, 1].set(xlabel="iteration of the closed form (INPO: one per iter_steps SGD steps)", yscale="log",
-                       title="games.py closed form, same P, μ, τ")
+        axes[0, 1].set(xlabel="iteration of the closed form (INPO: one per iter_steps SGD steps)",
+                       yscale="log", title="games.py closed form, same P, μ, τ")
         axes[0, 1].legend(fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -420,7 +426,7 @@ def plot(runs, path, closed=None):
 
 
 def plan(cfg):
-    """[(run name, resolved config)]: --algo all = every algorithm of ALGOS (toy only)."""
+    """[(run name, resolved config)]: --algo all (the toy default) runs every algorithm of ALGOS."""
     if cfg.model not in ("tiny", "phi3"):
         raise UserError(f"unknown --model {cfg.model!r}; choose tiny or phi3")
     cfg = replace(cfg, algo=cfg.algo or ("all" if cfg.model == "tiny" else "lana"))
@@ -436,12 +442,13 @@ def plan(cfg):
 def main(cfg, shard=Shard()):
     runs = plan(cfg)
     if cfg.batch_size % shard.world:
-        raise UserError(f"--batch_size {cfg.batch_size} is the global batch and must be divisible by the number "
-                        f"of processes ({shard.world}); e.g. --batch_size {shard.world * -(-cfg.batch_size // shard.world)}")
+        raise UserError(f"--batch_size {cfg.batch_size} is the global batch and must be divisible by the "
+                        f"number of processes ({shard.world}), e.g. {shard.world * cfg.batch_size}")
     if cfg.dry_run or cfg.eval:
         if shard.world > 1:
             raise UserError("--eval and --dry_run run in one process: start them with python, not torchrun")
-        return {name: dry_run(sub) if cfg.dry_run else evaluate(sub, Path(cfg.out_dir) / name) for name, sub in runs}
+        return {name: dry_run(sub) if cfg.dry_run else evaluate(sub, Path(cfg.out_dir) / name)
+                for name, sub in runs}
     logs = {name: train(sub, Path(cfg.out_dir) / name, shard) for name, sub in runs}
     if cfg.model == "tiny" and shard.rank == 0:
         print("\nexact gap of the LM policy, mean over prompts (DualGap_τ, τ = 0.1; LANA: DualGap_0):")
@@ -467,6 +474,7 @@ if __name__ == "__main__":
         if args.debug:
             raise
         what = {torch.OutOfMemoryError: "out of memory: lower --batch_size or --max_new_tokens, or use a "
-                "bigger device", KeyboardInterrupt: "interrupted (nothing was saved yet)"}.get(type(e), str(e))
+                "bigger device", KeyboardInterrupt: "interrupted before the first checkpoint"}
+        what = what.get(type(e), str(e))
         print(f"error: {what.splitlines()[0] if what else type(e).__name__}", file=sys.stderr)
         sys.exit(1)

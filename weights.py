@@ -76,21 +76,22 @@ CONFIG_KEYS = [
 
 
 def read_config(file):
-    """GPTConfig from a Phi-3 config.json, in both spellings (rope_theta / rope_scaling, and newer transformers'
-    rope_parameters {rope_theta, rope_type})."""
+    """GPTConfig from a Phi-3 config.json, in both spellings (rope_theta / rope_scaling, and newer
+    transformers' rope_parameters {rope_theta, rope_type})."""
     try:
         d = json.loads(Path(file).read_text(encoding="utf-8"))
         assert isinstance(d, dict)
     except (OSError, UnicodeDecodeError, ValueError, AssertionError) as e:
         raise CheckpointError(f"cannot read {file} as a JSON object ({e}); re-download config.json") from None
     if d.get("model_type") != "phi3":
-        raise CheckpointError(f"{file}: model_type is {d.get('model_type')!r}; only Phi-3 ('phi3') is supported")
+        raise CheckpointError(f"{file}: model_type is {d.get('model_type')!r}; only 'phi3' is supported")
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
     if not isinstance(rope, dict):
-        raise CheckpointError(f"{file}: rope_scaling / rope_parameters must be an object; config.json is damaged")
+        raise CheckpointError(f"{file}: rope_scaling or rope_parameters is not an object; re-download it")
     kind = rope.get("rope_type", rope.get("type")) or "default"
     if kind != "default" or rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise CheckpointError(f"{file}: rope type {kind!r} (long-context Phi-3, e.g. -128k) is not supported; "
+        raise CheckpointError(f"{file}: rope type {kind!r} (long-context Phi-3, e.g. -128k) is not "
+                              "supported; "
                               "use a 4k model such as microsoft/Phi-3-mini-4k-instruct")
     if d.get("tie_word_embeddings") or d.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{file}: tied embeddings or hidden_act != silu is not the Phi-3 layout")
@@ -105,15 +106,16 @@ def read_config(file):
             raise CheckpointError(f"{file}: key {key!r} is missing; re-download config.json")
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (lo <= v <= hi) \
                 or (typ is int and v != int(v)):
-            raise CheckpointError(f"{file}: {key} = {v!r} must be a{'n integer' if typ is int else ' number'} "
-                                  f"in [{lo:g}, {hi:g}]; config.json is damaged")
+            kind = "an integer" if typ is int else "a number"
+            raise CheckpointError(f"{file}: {key} = {v!r} must be {kind} in [{lo:g}, {hi:g}]; "
+                                  "config.json is damaged")
         fields[field] = typ(v)
     c = GPTConfig(**{k: v for k, v in fields.items() if k != "sliding_window"})
     hs = c.n_embd // c.n_head
     if c.n_embd % c.n_head or c.n_head % c.n_kv_head or hs % 2:
         raise CheckpointError(f"{file}: hidden_size {c.n_embd}, {c.n_head} heads and {c.n_kv_head} key-value "
                               "heads must divide evenly into heads of even size")
-    c.block_size = min(c.block_size, fields["sliding_window"])   # Phi-3-mini-4k: 2047; we stop sequences there
+    c.block_size = min(c.block_size, fields["sliding_window"])   # Phi-3-mini-4k: 2047; sequences stop there
     return c
 
 
@@ -174,8 +176,8 @@ def load_phi3(path, device="cpu", dtype=torch.float32):
                                   "memory or --dtype bfloat16") from None
     missing = sorted(set(expected) - set(sd))
     if missing:
-        raise CheckpointError(f"{folder}: {len(missing)} weights missing, e.g. {missing[:3]}; the download is "
-                              "incomplete or this is not a Phi-3 model")
+        raise CheckpointError(f"{folder}: {len(missing)} weights missing, e.g. {missing[:3]}; the download "
+                              "is incomplete or this is not a Phi-3 model")
     model.load_state_dict(sd, strict=True, assign=True)
     model.init_rope(device)
     return model.eval(), folder
@@ -193,9 +195,10 @@ def save_adapter(model, name, folder, base_model=""):
           for n, m in model.named_modules() if hasattr(m, "lora_A") for ab in "AB"}
     save_file(sd, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     r, alpha = model.adapters[name]
-    config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=0.0, bias="none",
-                  target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], use_rslora=False,
-                  use_dora=False, base_model_name_or_path=base_model, fan_in_fan_out=False, inference_mode=True)
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=0.0,
+                  bias="none", target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+                  use_rslora=False, use_dora=False, base_model_name_or_path=base_model, fan_in_fan_out=False,
+                  inference_mode=True)
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -209,26 +212,28 @@ def load_adapter(model, name, folder):
         cfg = json.loads((folder / "adapter_config.json").read_text())
         sd = load_file(str(folder / "adapter_model.safetensors"))
     except (OSError, ValueError, SafetensorError) as e:
-        raise CheckpointError(f"adapter {folder} is missing or unreadable ({type(e).__name__}: {e}); it needs "
-                              "adapter_config.json and adapter_model.safetensors") from None
+        raise CheckpointError(f"adapter {folder} is missing or unreadable ({type(e).__name__}: {e}); it "
+                              "needs adapter_config.json and adapter_model.safetensors") from None
     r, alpha = (cfg.get("r"), cfg.get("lora_alpha")) if isinstance(cfg, dict) else (None, None)
-    if r is None or cfg.get("peft_type") != "LORA" or cfg.get("use_dora") or cfg.get("use_rslora") or \
-            cfg.get("bias", "none") != "none" or not isinstance(r, int) or not isinstance(alpha, (int, float)):
-        raise CheckpointError(f"{folder}: only plain LoRA adapters (integer r, no DoRA/rsLoRA/bias) are supported")
+    plain = cfg.get("peft_type") == "LORA" and not (cfg.get("use_dora") or cfg.get("use_rslora")) and \
+        cfg.get("bias", "none") == "none" and isinstance(r, int) and isinstance(alpha, (int, float))
+    if r is None or not plain:
+        raise CheckpointError(f"{folder}: only plain LoRA adapters (integer r, no DoRA/rsLoRA/bias) are "
+                              "supported")
     modules = {n: m for n, m in model.named_modules() if hasattr(m, "lora_A")}
     values = {}
     for key, t in sd.items():
         m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])(?:\.default)?\.weight", key)
         if m is None or m.group(1) not in modules:
-            raise CheckpointError(f"{folder}: {key} is not a LoRA weight of this model; made for another base?")
+            raise CheckpointError(f"{folder}: {key} is not a LoRA weight of this model (another base?)")
         layer = modules[m.group(1)]
         shape = (r, layer.in_features) if m.group(2) == "A" else (layer.out_features, r)
         if tuple(t.shape) != shape or not t.is_floating_point() or not torch.isfinite(t).all():
-            raise CheckpointError(f"{folder}: {key} has shape {tuple(t.shape)} (model needs {shape}) or non-finite "
-                                  "values; the adapter is damaged or was made for another base")
+            raise CheckpointError(f"{folder}: {key} has shape {tuple(t.shape)} (model needs {shape}) or "
+                                  "non-finite values; the adapter is damaged or was made for another base")
         values[m.group(1), m.group(2)] = t
     if {p for p, _ in values} != {p for p, ab in values if ab == "A"} or not values:
-        raise CheckpointError(f"{folder}: every layer needs both lora_A and lora_B; the adapter is incomplete")
+        raise CheckpointError(f"{folder}: every layer needs lora_A and lora_B; the adapter is incomplete")
     model.add_adapter(name, r, alpha)
     with torch.no_grad():
         for (path, ab), t in values.items():
