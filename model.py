@@ -321,6 +321,21 @@ def sample_next(logits, u, temperature, top_p=1.0):
     return i.clamp(max=logits.size(-1) - 1)                              # NaN logits: caught by generate
 
 
+def prefill(model, prompts, adapters, max_len, pad_id):
+    """Run each distinct (prompt, adapter) once and copy its keys and values into every row that shares it
+    (the two samples of a duel, the players' rows of one prompt). -> next-token logits (B, V), KVCache."""
+    keys = [(tuple(p), a) for p, a in zip(prompts, adapters)]
+    uniq = list(dict.fromkeys(keys))                                    # the distinct keys, in order
+    where = {key: j for j, key in enumerate(uniq)}
+    device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+    x, m = (t.to(device) for t in left_pad([list(p) for p, _ in uniq], pad_id))
+    cache = KVCache(model.config, len(uniq), max_len, device, dtype)
+    logits = model(x, [a for _, a in uniq], cache, m, last_only=True)      # (U, 1, V)
+    inv = torch.tensor([where[key] for key in keys], device=device)        # row -> its distinct key
+    cache.k, cache.v, cache.real = cache.k[:, inv], cache.v[:, inv], cache.real[inv]
+    return logits[inv, -1], cache
+
+
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, *, adapters=None, mix_beta=0.0, mix_adapter=None,
              temperature=1.0, top_p=1.0, vocab=None, stop_ids=(), pad_id=0, uniforms=None, generator=None):
@@ -342,35 +357,35 @@ def generate(model, prompts, max_new_tokens, *, adapters=None, mix_beta=0.0, mix
     beta = torch.as_tensor(mix_beta, dtype=torch.float32, device=device).expand(B)[:, None]   # (B, 1)
     twins = (beta[:, 0] > 0).nonzero().squeeze(1)                        # (M,) rows that mix
     names = [adapters] * B if adapters is None or isinstance(adapters, str) else list(adapters)
-    lora = model.lora_gate(names + [mix_adapter] * len(twins), B + len(twins), device)    # built once
+    names += [mix_adapter] * len(twins)                                  # rows [B rows; M twins]
+    rows = list(prompts) + [prompts[t] for t in twins.tolist()]
+    logits, cache = prefill(model, rows, names, Tp + N, pad_id)
+    lora = model.lora_gate(names, len(names), device)                    # built once for every decode step
     u = torch.rand(B, N, generator=generator, device=device) if uniforms is None else uniforms.to(device)
-    bias = None if vocab is None else torch.full((model.config.vocab_size,), float("-inf"), device=device)
-    if bias is not None:
-        bias[torch.as_tensor(vocab, device=device)] = 0.0                # -inf outside the allowed ids
-    cache = KVCache(model.config, B + len(twins), Tp + N, device, model.lm_head.weight.dtype)
-    stop, done = torch.as_tensor(stop_ids, dtype=torch.long, device=device), torch.zeros(B, dtype=torch.bool,
-                                                                                               device=device)
+    bias = torch.zeros(model.config.vocab_size, device=device)
+    if vocab is not None:
+        bias.fill_(float("-inf"))[torch.as_tensor(vocab, device=device)] = 0.0   # -inf outside vocab
+    stop = torch.as_tensor(stop_ids, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
     finite = torch.ones((), dtype=torch.bool, device=device)
 
-    def next_logits(x, m):                                               # (B, T) -> next-token logits (B, V)
-        if len(twins):                                                   # a twin sees what its row sees
-            x, m = torch.cat((x, x[twins])), torch.cat((m, m[twins]))
-        logits = model(x, lora, cache, m, last_only=True)[:, -1].float()             # (B + M, V)
-        lp = logits[:B].log_softmax(-1)
+    def mix(logits):                          # (B + M, V) -> next-token log-probs of the B rows (B, V)
+        lp = logits[:B].float().log_softmax(-1)
         if len(twins):
-            lp[twins] = (1 - beta[twins]) * lp[twins] + beta[twins] * logits[B:].log_softmax(-1)
-        return lp if bias is None else lp + bias
+            lp[twins] = (1 - beta[twins]) * lp[twins] + beta[twins] * logits[B:].float().log_softmax(-1)
+        return lp + bias
 
-    logits, n = next_logits(tokens[:, :Tp], mask[:, :Tp]), 0
+    lp, n = mix(logits), 0
     for i in range(N):
-        finite &= torch.isfinite(logits).any(-1).all()                   # checked once, after the loop
-        nxt = sample_next(logits, u[:, i], temperature, top_p).masked_fill(done, pad_id)      # (B,)
+        finite &= torch.isfinite(lp).any(-1).all()                       # checked once, after the loop
+        nxt = sample_next(lp, u[:, i], temperature, top_p).masked_fill(done, pad_id)         # (B,)
         tokens[:, Tp + i], mask[:, Tp + i], n = nxt, (~done).long(), i + 1
         done |= torch.isin(nxt, stop)
         if len(stop) and i % 8 == 7 and bool(done.all()):                # a host sync every 8 tokens only
             break
-        if i + 1 < N:
-            logits = next_logits(nxt[:, None], torch.ones_like(nxt[:, None]))
+        if i + 1 < N:                                                    # a twin sees what its row sees
+            x = torch.cat((nxt, nxt[twins]))[:, None]
+            lp = mix(model(x, lora, cache, torch.ones_like(x), last_only=True)[:, -1])
     if not bool(finite):
         raise FloatingPointError("the model produced non-finite logits while sampling: its weights diverged")
     n = int(mask[:, Tp:Tp + n].any(0).sum())                             # columns some row used

@@ -7,8 +7,8 @@ runs.py: what a training run keeps on disk, and how it runs on several processes
                     ckpt_000300/  <adapter>/ (PEFT format), state.pt (optimizer, RNG, step), config.json
                     .lock         held while the run lives (fcntl: the OS releases it when the process dies)
 
-Checkpoints are fsynced in a temporary folder and renamed into place before older ones go; --resume checks
-every file and refuses flags that change the math; SIGINT and SIGTERM finish the step, save and exit.
+Checkpoints are fsynced, then renamed into place; --resume checks every file and refuses flags that change
+the math; SIGINT and SIGTERM finish the step, save and exit. A full or read-only disk is one line too.
 """
 import fcntl
 import json
@@ -39,22 +39,18 @@ def fsync(path):
     os.fsync(fd), os.close(fd)
 
 
-def write_atomic(path, text):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    fsync(tmp)
-    os.replace(tmp, path)
-    fsync(path.parent)
-
-
 class Run:
-    """One run folder. config: the run's flags (a dict); math: the keys that change the math (--resume refuses
-    to change them); replaceable: a fresh run may replace a finished run of the same model (the toy run);
-    writer: False on torchrun ranks > 0, which read and never write."""
+    """One run folder. config: the run's flags (a dict); math: the keys --resume must not change; replaceable:
+    a fresh run may replace a finished run of its model (the toy run); writer: False on torchrun ranks > 0."""
 
     def __init__(self, path, config, math, *, resume=False, overwrite=False, replaceable=False, writer=True):
         self.path, self.config, self.math, self.writer = Path(path), config, math, writer
-        old = self.manifest = self.read_manifest()
+        try:
+            f = self.path / "run.json"
+            old = self.manifest = json.loads(f.read_text()) if f.is_file() else {}
+            old["checkpoints"] = [n for n in old.get("checkpoints", []) if CKPT.fullmatch(n)]   # never a path
+        except (OSError, ValueError, AttributeError, TypeError):
+            raise UserError(f"{self.path}/run.json is damaged; restore it or use another --out_dir") from None
         if not writer:
             return
         try:
@@ -72,11 +68,11 @@ class Run:
         if (ckpts or old.get("checkpoints")) and not (overwrite or (replaceable and same)):
             raise UserError(f"{self.path} holds a run ({ckpts[-1] if ckpts else 'run.json'}); continue it "
                             "with --resume, replace it with --overwrite, or use another --out_dir")
-        for name in old.get("checkpoints", []) + ["log.jsonl", "plot.png"]:     # what that run wrote, only
-            p = self.path / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        with self.writing(self.path):                         # delete what that run wrote, only
+            for p in [self.path / n for n in old.get("checkpoints", []) + ["log.jsonl", "plot.png"]]:
+                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         self.manifest = {"config": config, "checkpoints": [], "finished": False}
-        self.write_manifest()
+        self.write("run.json", json.dumps(self.manifest, indent=1))
 
     def __enter__(self):
         return self
@@ -85,17 +81,24 @@ class Run:
         if self.writer:
             self.lock.close()                                 # releases the lock (so does the process's end)
 
-    def read_manifest(self):
+    @contextmanager
+    def writing(self, path, tmp=None):                        # a full or read-only disk, or a permission
         try:
-            return json.loads((self.path / "run.json").read_text())
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError):
-            raise UserError(f"{self.path}/run.json is damaged; restore it or use another --out_dir") from None
+            yield
+        except OSError as e:
+            raise UserError(f"cannot write {path} ({e.strerror or e}); free space or fix permissions" + (
+                f", then --resume: {self.latest()} is intact" if self.latest() else "")) from None
+        finally:
+            if tmp:                                           # renamed into place, or a failure's leftovers
+                shutil.rmtree(tmp, ignore_errors=True)
 
-    def write_manifest(self):
-        if self.writer:
-            write_atomic(self.path / "run.json", json.dumps(self.manifest, indent=1))
+    def write(self, name, text):                              # atomically: a temporary file, fsync, rename
+        f, tmp = self.path / name, self.path / f".{name}.tmp"
+        with self.writing(f):
+            tmp.write_text(text)
+            fsync(tmp)
+            os.replace(tmp, f)
+            fsync(self.path)
 
     def latest(self):
         """The newest checkpoint this run wrote that still exists (never a stray folder or a user's copy)."""
@@ -103,11 +106,15 @@ class Run:
         return self.path / names[-1] if names else None
 
     def save(self, step, model, adapters, state, base_model=""):
-        """ckpt_<step>/: each adapter, state.pt (with format and step) and config.json, atomically."""
+        """ckpt_<step>/: each adapter, state.pt (with format and step) and config.json, fsynced in a temporary
+        folder, listed in run.json, renamed into place; only then are this run's older checkpoints deleted."""
         final, tmp = self.path / f"ckpt_{step:06d}", self.path / f".tmp_ckpt_{step:06d}"
+        ours, m = self.manifest.get("checkpoints", []), self.manifest
         if not self.writer:
             return final
-        try:
+        if final.exists():                                    # never ours: resumed runs save later steps
+            raise UserError(f"{final} is not this run's; move it elsewhere, then --resume")
+        with self.writing(final, tmp):
             shutil.rmtree(tmp, ignore_errors=True)
             for name in adapters:
                 save_adapter(model, name, tmp / name, base_model)
@@ -115,41 +122,37 @@ class Run:
             (tmp / "config.json").write_text(json.dumps(self.config, indent=1))
             for f in [*tmp.rglob("*"), tmp]:
                 fsync(f)
-            if final.exists():                                # ours, from before a resume
-                os.replace(final, self.path / f".old_{final.name}")
+            m["checkpoints"] = [n for n in ours if n != final.name] + [final.name]
+            self.write("run.json", json.dumps(m, indent=1))   # listed before it exists: never orphaned
             os.replace(tmp, final)
             fsync(self.path)
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(f"cannot write {final} ({e.strerror}); the checkpoint "
-                            f"{self.latest() or '(none)'} is intact: free space or fix permissions, then "
-                            "--resume") from None
-        old = [n for n in self.manifest["checkpoints"] if n != final.name] + [f".old_{final.name}"]
-        self.manifest["checkpoints"] = [final.name]
-        self.write_manifest()
-        for name in old:
+        m["checkpoints"] = [final.name]
+        self.write("run.json", json.dumps(m, indent=1))
+        for name in set(ours) - {final.name}:
             shutil.rmtree(self.path / name, ignore_errors=True)
         return final
 
     def load(self, model, adapters):
         """Check the newest checkpoint, load its adapters into model, and return its state."""
-        ckpt = self.latest()
-        if ckpt is None:
+        if (ckpt := self.latest()) is None:
             raise UserError(f"--resume: no checkpoint of a run in {self.path}; start without --resume")
-        try:
+        try:                                                  # whatever a truncated or foreign file raises
             saved = json.loads((ckpt / "config.json").read_text())
             state = torch.load(ckpt / "state.pt", weights_only=True)
-        except (OSError, ValueError, RuntimeError, EOFError) as e:
-            raise UserError(f"{ckpt} is damaged ({type(e).__name__}); delete it to resume from an older one "
-                            "or start afresh with --overwrite") from None
-        if state.get("format") != FORMAT:
-            raise UserError(f"{ckpt} has format {state.get('format')}, this code reads {FORMAT}; start anew")
+            fmt = state.get("format")
+        except Exception as e:
+            raise UserError(f"{ckpt} is damaged ({type(e).__name__}); restore it from a copy or start afresh "
+                            "with --overwrite") from None
+        if fmt != FORMAT:
+            raise UserError(f"{ckpt} has format {fmt}, this code reads {FORMAT}; start anew with --overwrite")
         changed = [f"--{k} {saved.get(k)!r} -> {self.config.get(k)!r}" for k in self.math
                    if saved.get(k) != self.config.get(k)]
         if changed:
             raise UserError(f"--resume would change the run's math ({'; '.join(changed)}); use the flags "
                             f"saved in {ckpt}/config.json or start afresh with --overwrite")
         if saved.get("max_steps") != self.config.get("max_steps"):
+            if state["step"] > self.config["max_steps"]:
+                raise UserError(f"{ckpt} is at step {state['step']}; pass --max_steps {state['step']}+")
             print(f"note: --max_steps {saved.get('max_steps')} -> {self.config.get('max_steps')}: the cosine "
                   "learning-rate schedule now ends at the new step")
         try:
@@ -163,23 +166,21 @@ class Run:
 
     def log(self, record):
         if self.writer:
-            with open(self.path / "log.jsonl", "a") as f:
+            with self.writing(self.path / "log.jsonl"), open(self.path / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def records(self):
+    def records(self):                                        # a last line torn by a crash is left out
         f = self.path / "log.jsonl"
-        return [json.loads(line) for line in f.read_text().splitlines()] if f.is_file() else []
+        return [json.loads(s) for s in f.read_text().splitlines() if s.endswith("}")] if f.is_file() else []
 
-    def cut_log(self, step):
-        """Drop the records of steps ≥ step: they are computed again after the resume, so no step repeats."""
-        f = self.path / "log.jsonl"
-        if self.writer and f.is_file():
-            keep = [line for line in f.read_text().splitlines() if json.loads(line)["step"] < step]
-            write_atomic(f, "".join(line + "\n" for line in keep))
+    def cut_log(self, step):                                  # steps ≥ step run again: none appears twice
+        if self.writer and (self.path / "log.jsonl").is_file():
+            self.write("log.jsonl", "".join(json.dumps(r) + "\n" for r in self.records() if r["step"] < step))
 
     def finish(self):
         self.manifest["finished"] = True
-        self.write_manifest()
+        if self.writer:
+            self.write("run.json", json.dumps(self.manifest, indent=1))
 
 
 class Interrupts:
@@ -235,9 +236,8 @@ def distributed():
 
 
 def all_reduce(params, values, shard):
-    """Average the adapters' gradients and the logged values over ranks, in one bucket (one frozen base serves
-    every role, so there is no DDP wrapper: only LoRA gradients travel). Ranks hold equally many rows, so the
-    mean of their gradients is the global batch's gradient. Returns the averaged values (a tensor)."""
+    """Average the LoRA gradients and the logged values over ranks in one bucket (one frozen base serves every
+    role: no DDP wrapper). Ranks hold equally many rows, so this is the global batch's gradient."""
     values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=params[0].device) for v in values])
     if shard.world == 1:
         return values

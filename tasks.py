@@ -134,7 +134,7 @@ def load_prompts(path):
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 (byte {e.start}); save it as UTF-8") from None
     lines = text.splitlines()
-    if path.suffix in (".json", ".jsonl") or text.lstrip()[:1] in ("{", "["):
+    if path.suffix in (".json", ".jsonl") or (path.suffix != ".txt" and text.lstrip()[:1] in ("{", "[")):
         try:
             array = text.lstrip()[:1] == "["
             items = json.loads(text) if array else [json.loads(s) for s in lines if s.strip()]
@@ -148,7 +148,7 @@ def load_prompts(path):
     if len(kept) < len(lines):
         print(f"skipped {len(lines) - len(kept)} empty prompt(s) in {path}")
     if not kept:
-        raise UserError(f"{path} holds no prompts")
+        raise UserError(f"{path} holds no prompts; write one prompt per line (or one {{\"prompt\": ...}})")
     return kept
 
 
@@ -201,7 +201,13 @@ def setup(cfg, held_out=False):
         raise UserError(f"--eval holds out every 10th prompt and {prompts} has only {len(texts)}; give 10+")
     texts = [t for i, t in enumerate(texts) if (i % 10 == 9) == held_out] or texts
     folder = find_weights(cfg)
-    config, tok = read_config(folder / "config.json"), load_tokenizer(folder)
+    config = read_config(folder / "config.json")
+    if not (folder / "tokenizer.json").is_file():
+        raise UserError(f"{folder} has no tokenizer.json; download it with the weights, from the same model")
+    try:
+        tok = load_tokenizer(folder)
+    except (OSError, ValueError) as e:                     # missing, not JSON, or not Phi-3's kind of BPE
+        raise UserError(str(e)) from None
     if tok.vocab_size > config.vocab_size:
         raise UserError(f"{folder}: the tokenizer has ids up to {tok.vocab_size - 1}, the model's vocabulary "
                         f"only {config.vocab_size}; tokenizer.json and config.json are from different models")

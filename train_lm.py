@@ -193,6 +193,23 @@ def step_lana(model, task, cfg, k, rng, step, printed_sign=False):
     return loss, {**st, **s, "win": pref.mean(), "ntok": r.resp.sum()}
 
 
+def step_maio_pg(model, task, cfg, k, rng, step):
+    """MAIO-PG (this repo, §5.1): y ~ π_θ against ỹ, the winner of a duel between two more samples a, b of
+    π_θ, with the payoff advantage P(y ≻ ỹ) − 1/2 (pg_loss, τ = 0): mirror ascent against LANA's improved
+    opponent, with a payoff instead of LANA's log-ratio. Reference-free; the policy judges itself. The duel is
+    not decided by a coin: its winner is a with probability P(a ≻ b), so P(y ≻ ỹ) is replaced by its mean
+    P(a ≻ b) P(y ≻ a) + P(b ≻ a) P(y ≻ b) (same expected gradient, less noise)."""
+    S = len(k)
+    r = sample(model, task, cfg, k, "policy", rng(3, cfg.max_new_tokens))       # rows [y; a; b] ~ π_θ
+    y, a, b = r.take(slice(0, S)), r.take(slice(S, 2 * S)), r.take(slice(2 * S, None))
+    p_ab, st = task.judge(model, a, b, "policy", cfg.judge_both_orders)
+    p_ya, _ = task.judge(model, y, a, "policy", cfg.judge_both_orders)
+    p_yb, _ = task.judge(model, y, b, "policy", cfg.judge_both_orders)
+    pref_y = p_ab * p_ya + (1 - p_ab) * p_yb                       # E[P(y ≻ ỹ)] over the duel's winner ỹ
+    loss, s = nano_nash.pg_loss(score(model, task, y, "policy", grad=True), pref_y)
+    return loss, {**st, **s, "win": pref_y.mean(), "ntok": r.resp.sum()}
+
+
 class Algo(NamedTuple):
     step: Callable        # (model, task, cfg, k, rng, step) -> (loss, stats)
     adapters: tuple       # the adapters it keeps on the base; the first `trained` ones are trained
@@ -218,6 +235,9 @@ ALGOS = {
     "lana": Algo(step_lana, ("player1", "player2"), 2, "gap0", rows=(4, 2),
                  tiny=(300, 8, 3e-4, 0., .1, None, None, 1, 1.),
                  phi3=(750, 1, 3e-4, 0., None, None, None, 128, .1)),
+    "maio_pg": Algo(step_maio_pg, ("policy",), 1, "gap0", rows=(3, 1),
+                    tiny=(300, 128, 2e-4, 0., .1, None, None, 1, 1.),
+                    phi3=(750, 1, 3e-4, 0., None, None, None, 128, .1)),
 }
 ALGOS["lana_printed"] = ALGOS["lana"]._replace(step=lambda *a: step_lana(*a, printed_sign=True))
 MATH = ["model", "algo", "base", "prompts_sha", "batch_size", "samples", "lr", "adam_beta1", "tau", "eta",
@@ -236,11 +256,12 @@ def resolve(cfg, algo):
 
 def train(cfg, path, shard=Shard()):
     """Train one algorithm in the run folder `path` (runs.py); returns its log records."""
-    model, task, base = setup(cfg)
-    algo, device = ALGOS[cfg.algo], model.lm_head.weight.device
-    sha = hashlib.sha256(json.dumps(task.texts).encode()).hexdigest()[:16]
-    with Run(path, {**asdict(cfg), "base": base, "prompts_sha": sha}, MATH, resume=cfg.resume,
-             overwrite=cfg.overwrite, replaceable=cfg.model == "tiny", writer=shard.rank == 0) as run:
+    algo = ALGOS[cfg.algo]
+    with Run(path, asdict(cfg), MATH, resume=cfg.resume, overwrite=cfg.overwrite,
+             replaceable=cfg.model == "tiny", writer=shard.rank == 0) as run:    # refuse before any load
+        model, task, base = setup(cfg)
+        device = model.lm_head.weight.device
+        run.config.update(base=base, prompts_sha=hashlib.sha256(json.dumps(task.texts).encode()).hexdigest())
         state = run.load(model, algo.adapters) if cfg.resume else {}
         for name in () if state else algo.adapters:           # all on ONE base; adapters off = μ
             model.add_adapter(name, cfg.lora_rank, 2 * cfg.lora_rank)
@@ -324,10 +345,10 @@ def loop(cfg, model, task, algo, run, opt, gen, params, start, base, shard):
 def evaluate(cfg, path):
     """Win rate of the trained policy against the base on the held-out prompts (toy: the games), judged by the
     base in both orders (toy: by P); 95% CI. Writes AlpacaEval JSON ({instruction, output, generator})."""
-    model, task, _ = setup(cfg, held_out=True)
     run, player = Run(path, {}, [], resume=True, writer=False), ALGOS[cfg.algo].adapters[0]
     if run.latest() is None:
         raise UserError(f"--eval: no checkpoint in {path}; train first with the same --out_dir and --algo")
+    model, task, _ = setup(cfg, held_out=True)
     try:
         load_adapter(model, player, run.latest() / player)
     except CheckpointError as e:
@@ -346,12 +367,16 @@ def evaluate(cfg, path):
     half = 1.96 * pref.std().item() / math.sqrt(n) if n > 1 else 0.0
     result = dict(checkpoint=str(run.latest()), win_rate=m, ci95=[m - half, m + half], n=n)
     out = path / "eval"
-    out.mkdir(exist_ok=True)
-    for name, obj in (("model_outputs.json", [dict(instruction=x, output=a, generator=path.name)
-                                              for x, a, _ in rows]),
-                      ("reference_outputs.json", [dict(instruction=x, output=b, generator="base")
-                                                  for x, _, b in rows]), ("results.json", result)):
-        (out / name).write_text(json.dumps(obj, indent=1, ensure_ascii=False))
+    try:
+        out.mkdir(exist_ok=True)
+        for name, obj in (("model_outputs.json", [dict(instruction=x, output=a, generator=path.name)
+                                                  for x, a, _ in rows]),
+                          ("reference_outputs.json", [dict(instruction=x, output=b, generator="base")
+                                                      for x, _, b in rows]), ("results.json", result)):
+            (out / name).write_text(json.dumps(obj, indent=1, ensure_ascii=False))
+    except OSError as e:
+        raise UserError(f"cannot write {out} ({e.strerror or e}); free space or fix permissions, then run "
+                        "--eval again") from None
     print(f"{path.name}: win rate vs the base {m:.3f} (95% CI {m - half:.3f}..{m + half:.3f}, n = {n}); "
           f"AlpacaEval JSON in {out}")
     return result
@@ -420,9 +445,14 @@ def plot(runs, path, closed=None):
                        yscale="log", title="games.py closed form, same P, μ, τ")
         axes[0, 1].legend(fontsize=8)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e}); free space or fix permissions (the run "
+                        "itself is saved)") from None
+    finally:
+        plt.close(fig)
 
 
 def plan(cfg):
@@ -474,7 +504,7 @@ if __name__ == "__main__":
         if args.debug:
             raise
         what = {torch.OutOfMemoryError: "out of memory: lower --batch_size or --max_new_tokens, or use a "
-                "bigger device", KeyboardInterrupt: "interrupted before the first checkpoint"}
+                "bigger device", KeyboardInterrupt: "interrupted; --resume goes on from the last checkpoint"}
         what = what.get(type(e), str(e))
         print(f"error: {what.splitlines()[0] if what else type(e).__name__}", file=sys.stderr)
         sys.exit(1)

@@ -80,8 +80,9 @@ def read_config(file):
     transformers' rope_parameters {rope_theta, rope_type})."""
     try:
         d = json.loads(Path(file).read_text(encoding="utf-8"))
-        assert isinstance(d, dict)
-    except (OSError, UnicodeDecodeError, ValueError, AssertionError) as e:
+        if not isinstance(d, dict):                             # not an assert: python -O keeps this check
+            raise ValueError(f"a JSON {type(d).__name__}")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"cannot read {file} as a JSON object ({e}); re-download config.json") from None
     if d.get("model_type") != "phi3":
         raise CheckpointError(f"{file}: model_type is {d.get('model_type')!r}; only 'phi3' is supported")
@@ -214,7 +215,8 @@ def load_adapter(model, name, folder):
     except (OSError, ValueError, SafetensorError) as e:
         raise CheckpointError(f"adapter {folder} is missing or unreadable ({type(e).__name__}: {e}); it "
                               "needs adapter_config.json and adapter_model.safetensors") from None
-    r, alpha = (cfg.get("r"), cfg.get("lora_alpha")) if isinstance(cfg, dict) else (None, None)
+    cfg = cfg if isinstance(cfg, dict) else {}              # a JSON list or number: refused just below
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
     plain = cfg.get("peft_type") == "LORA" and not (cfg.get("use_dora") or cfg.get("use_rslora")) and \
         cfg.get("bias", "none") == "none" and isinstance(r, int) and isinstance(alpha, (int, float))
     if r is None or not plain:
@@ -228,9 +230,10 @@ def load_adapter(model, name, folder):
             raise CheckpointError(f"{folder}: {key} is not a LoRA weight of this model (another base?)")
         layer = modules[m.group(1)]
         shape = (r, layer.in_features) if m.group(2) == "A" else (layer.out_features, r)
-        if tuple(t.shape) != shape or not t.is_floating_point() or not torch.isfinite(t).all():
-            raise CheckpointError(f"{folder}: {key} has shape {tuple(t.shape)} (model needs {shape}) or "
-                                  "non-finite values; the adapter is damaged or was made for another base")
+        bad = f"shape {tuple(t.shape)}, the model's is {shape}" if tuple(t.shape) != shape else \
+            "" if t.is_floating_point() and torch.isfinite(t).all() else "non-finite or non-float values"
+        if bad:
+            raise CheckpointError(f"{folder}: {key} has {bad}; the adapter is damaged or for another base")
         values[m.group(1), m.group(2)] = t
     if {p for p, _ in values} != {p for p, ab in values if ab == "A"} or not values:
         raise CheckpointError(f"{folder}: every layer needs lora_A and lora_B; the adapter is incomplete")

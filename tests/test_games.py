@@ -1,126 +1,151 @@
-"""Tests for games.py: known answers, exact tools, closed-form dynamics, sampled runs, the smoke run."""
+"""Tests for games.py: known answers, exact solvers, closed-form dynamics (last and average iterate, log
+space), sampled runs with the nano_nash losses, the reference curves for train_lm.py and the script."""
 import csv
-import itertools
 import math
 import subprocess
 import sys
-import time
+from decimal import Decimal, getcontext
 from pathlib import Path
 
-import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import games as G  # noqa: E402
+from nano_nash import best_response, duality_gap, duel_winner, geometric_mixture, pg_loss  # noqa: E402
 
-MU_U = np.ones(3) / 3
-MU_S = np.array([.6, .3, .1])
-
-
-def J(P, mu, tau, p1, p2):
-    """J_τ(π1, π2) = π1ᵀPπ2 − τKL(π1‖μ) + τKL(π2‖μ), written out independently of games.py."""
-    return p1 @ P @ p2 - tau * G.kl(p1, mu) + tau * G.kl(p2, mu)
-
-
-def kl_rows(X, mu):
-    """KL(x‖μ) for every row x of X, 0 log 0 = 0."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(X > 0, X * np.log(X / mu), 0.0).sum(1)
+F64 = torch.float64
+MU_U = torch.full((3,), 1 / 3, dtype=F64)
+MU_S = torch.tensor([.6, .3, .1], dtype=F64)
 
 
 @pytest.fixture(autouse=True)
 def one_torch_thread():
     """Tiny tensors: extra threads only contend with each other on a small, shared CPU."""
-    import torch
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
 
 
+def kl(p, q):
+    """KL(p‖q) for the last axis, 0 log 0 = 0, written out independently of games.py."""
+    return torch.where(p > 0, p * (p / q).log(), torch.zeros_like(p)).sum(-1)
+
+
+def J(P, mu, tau, p1, p2):
+    """J_τ(π1, π2) = π1ᵀPπ2 − τKL(π1‖μ) + τKL(π2‖μ); π1 may be a batch of rows."""
+    return p1 @ P @ p2 - tau * kl(p1, mu) + tau * kl(p2, mu)
+
+
+def steps(step, z, T):
+    """Iterate a closed-form step T times from logits z (same renormalisation as games.run); all iterates."""
+    out = [z]
+    for t in range(T):
+        out.append(torch.log_softmax(step(out[-1], t), -1))
+    return torch.stack(out).exp()
+
+
 def simplex_grid(k):
-    """All points (i, j, k-i-j)/k of the 3-simplex."""
-    return np.array([(i, j, k - i - j) for i in range(k + 1) for j in range(k + 1 - i)], dtype=float) / k
+    return torch.tensor([(i, j, k - i - j) for i in range(k + 1) for j in range(k + 1 - i)], dtype=F64) / k
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------------------
 # games and validation
 
 @pytest.mark.parametrize("P, msg", [
-    (np.full((2, 3), .5), "square"),
+    ([[.5, .5, .5], [.5, .5, .5]], "square"),
     ([[.5, 1.2], [-.2, .5]], r"\[0, 1\]"),
-    ([[.5, .7], [.4, .5]], "P \\+ P.T"),
-    ([[.4, .5], [.5, .6]], "P \\+ P.T"),
-    ([[.5, np.nan], [np.nan, .5]], r"\[0, 1\]"),
+    ([[.5, .7], [.4, .5]], r"P \+ P.T"),
+    ([[.4, .5], [.5, .6]], r"P \+ P.T"),
+    ([[.5, math.nan], [math.nan, .5]], r"\[0, 1\]"),
 ])
 def test_invalid_games_raise(P, msg):
     with pytest.raises(ValueError, match=msg):
-        G.check_preference(P)
-    with pytest.raises(ValueError):
-        G.Game("bad", P, np.ones(len(np.atleast_2d(P))) / len(np.atleast_2d(P)))
+        G.Game("bad", P, [.5, .5])
 
 
 def test_invalid_mu_raises():
-    with pytest.raises(ValueError, match="mu"):
-        G.Game("rps", G.rps().P, [.5, .5, 0.0])
-    with pytest.raises(ValueError, match="mu"):
-        G.Game("rps", G.rps().P, [.5, .5])
+    for mu in ([.5, .5, 0.0], [.5, .5], [.5, .6, .1]):
+        with pytest.raises(ValueError, match="mu"):
+            G.Game("rps", G.rps().P, mu)
+
+
+def test_games_are_float64_tensors():
+    for g in (G.bt3(), G.dice(), G.rps(), G.weighted_cycle(), G.nlhf3(), G.random_game(6, 0)):
+        assert g.P.dtype == g.mu.dtype == F64 and g.P.shape == (len(g.mu),) * 2 and len(g.labels) == len(g.mu)
 
 
 def test_bt3_matches_slides():
     P = G.bt3().P
-    assert np.allclose(P, [[1 / 2, 1 / 10, 1 / 3], [9 / 10, 1 / 2, 9 / 11], [2 / 3, 2 / 11, 1 / 2]], atol=1e-15)
-    assert np.allclose(G.nash(P), [0, 1, 0], atol=1e-12)          # y2 is a Condorcet winner
-    pi_R, pi_P = np.array([2 / 3, 1 / 3, 0]), np.array([0, 0, 1.0])
-    assert abs(pi_P @ P @ pi_R - 50 / 99) < 1e-15                   # the slide's 50/99
-    # on S = {(2a, a, 1-3a)} the maximin preference is attained at a = 0, i.e. (0, 0, 1)
-    S = np.array([(2 * a, a, 1 - 3 * a) for a in np.linspace(0, 1 / 3, 301)])
-    worst = (S @ P @ S.T).min(axis=1)
-    assert np.argmax(worst) == 0
+    want = torch.tensor([[1 / 2, 1 / 10, 1 / 3], [9 / 10, 1 / 2, 9 / 11], [2 / 3, 2 / 11, 1 / 2]], dtype=F64)
+    assert torch.allclose(P, want, atol=1e-15)
+    assert torch.allclose(G.nash(P), torch.tensor([0, 1, 0], dtype=F64), atol=1e-12)   # Condorcet winner
+    pi_R, pi_P = torch.tensor([2 / 3, 1 / 3, 0], dtype=F64), torch.tensor([0, 0, 1.0], dtype=F64)
+    assert abs(pi_P @ P @ pi_R - 50 / 99) < 1e-15                                       # the slide's 50/99
+    S = torch.stack([torch.tensor([2 * a, a, 1 - 3 * a]) for a in torch.linspace(0, 1 / 3, 301)]).to(F64)
+    assert (S @ P @ S.T).min(1).values.argmax() == 0          # maximin over {(2a, a, 1 − 3a)} at (0, 0, 1)
     for tau, want in [(1, (.27234, .41712, .31054)), (.1, (.01671, .94356, .03973))]:
-        assert np.allclose(G.regularized_nash(P, MU_U, tau), want, atol=5e-6)
+        assert torch.allclose(G.regularized_nash(P, MU_U, tau), torch.tensor(want, dtype=F64), atol=5e-6)
 
 
 def test_known_nash_equilibria():
-    assert np.allclose(G.nash(G.rps().P), MU_U, atol=1e-12)
-    assert np.allclose(G.dice().P[[0, 1, 2], [1, 2, 0]], 5 / 9)
-    assert np.allclose(G.nash(G.dice().P), MU_U, atol=1e-12)
+    assert torch.allclose(G.nash(G.rps().P), MU_U, atol=1e-12)
+    dice = G.dice().P
+    assert torch.allclose(dice[[0, 1, 2], [1, 2, 0]], torch.full((3,), 5 / 9, dtype=F64), atol=1e-15)
+    assert torch.allclose(G.nash(dice), MU_U, atol=1e-12)
     for a, b, c in [(.1, .2, .3), (.3, .05, .2), (.45, .45, .01)]:
-        want = np.array([b, c, a]) / (a + b + c)
-        assert np.allclose(G.nash(G.weighted_cycle(a, b, c).P), want, atol=1e-12)
+        want = torch.tensor([b, c, a], dtype=F64) / (a + b + c)
+        assert torch.allclose(G.nash(G.weighted_cycle(a, b, c).P), want, atol=1e-12)
     for eps in (.1, -.1, .2):
-        want = np.array([1 / 3 + eps / 2, 1 / 3 + eps / 2, 1 / 3 - eps])
-        assert np.allclose(G.nash(G.nlhf3(eps).P), want, atol=1e-12)
-    # dice read as 9 faces: transitive, NE = the best face
-    faces = np.arange(1, 10)
-    P = (faces[:, None] > faces[None, :]) + .5 * (faces[:, None] == faces[None, :])
-    assert np.allclose(G.nash(P), np.eye(9)[8])
+        want = torch.tensor([1 / 3 + eps / 2, 1 / 3 + eps / 2, 1 / 3 - eps], dtype=F64)
+        assert torch.allclose(G.nash(G.nlhf3(eps).P), want, atol=1e-12)
+    faces = torch.arange(1, 10)                                # dice read as 9 faces: transitive, NE = 9
+    P = (faces[:, None] > faces[None, :]).to(F64) + .5 * (faces[:, None] == faces[None, :])
+    assert torch.allclose(G.nash(P), torch.eye(9, dtype=F64)[8])
 
 
 def test_regularized_known_values():
     P = G.weighted_cycle().P
-    assert np.allclose(G.regularized_nash(P, MU_U, 1.0), [.31178, .34634, .34189], atol=5e-6)
-    assert np.allclose(G.regularized_nash(P, MU_U, 0.1), [.24365, .47753, .27881], atol=5e-6)
-    for game in (G.rps(), G.dice()):                    # symmetric games + uniform μ: π*_τ uniform for every τ
+    assert torch.allclose(G.regularized_nash(P, MU_U, 1.0), torch.tensor([.31178, .34634, .34189], dtype=F64),
+                          atol=5e-6)
+    assert torch.allclose(G.regularized_nash(P, MU_U, 0.1), torch.tensor([.24365, .47753, .27881], dtype=F64),
+                          atol=5e-6)
+    for game in (G.rps(), G.dice()):                    # symmetric + uniform μ: π*_τ is uniform for every τ
         for tau in (1, .1, .01):
-            assert np.allclose(G.regularized_nash(game.P, MU_U, tau), MU_U, atol=1e-10)
+            assert torch.allclose(G.regularized_nash(game.P, MU_U, tau), MU_U, atol=1e-10)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# exact tools
+# ----------------------------------------------------------------------------------------------------------
+# exact solvers and the gap
 
 @pytest.mark.parametrize("n", [2, 3, 5, 8, 10, 14])
 def test_nash_certified_on_random_games(n):
     for seed in range(15):
         P = G.random_game(n, seed).P
         pi = G.nash(P)
-        assert pi.min() >= 0 and abs(pi.sum() - 1) < 1e-12
-        assert G.duality_gap(P, pi) <= 1e-9
-        assert (pi @ P).min() >= 0.5 - 1e-9             # guarantees at least 1/2 against every pure response
+        assert pi.min() >= 0 and abs(pi.sum() - 1) < 1e-14
+        assert duality_gap(P, pi) <= 1e-9
+        assert (pi @ P).min() >= 0.5 - 1e-9             # at least 1/2 against every pure response
+
+
+def test_nash_normalises_the_clipped_weights(monkeypatch):
+    """Issue 8: nash() divided the clipped LP solution by the UNclipped sum. A negative round-off weight
+    (exaggerated here to −1e-3) must be clipped before normalising, so that π is a certified distribution."""
+    P = torch.full((4, 4), 1.0, dtype=F64)                 # the cycle plus a 4th action that loses to all
+    P[:3, :3], P[3] = G.weighted_cycle().P, torch.tensor([0, 0, 0, .5], dtype=F64)
+    w = G._simplex_max(torch.ones(4, dtype=F64), P, torch.ones(4, dtype=F64))
+    assert w[3] == 0
+    w[3] = -1e-3
+    monkeypatch.setattr(G, "_simplex_max", lambda c, A, b: w.clone())
+    pi = G.nash(P)
+    assert pi.min() >= 0 and abs(pi.sum() - 1) < 1e-15
+    assert torch.allclose(pi, torch.tensor([1 / 3, 1 / 2, 1 / 6, 0], dtype=F64), atol=1e-12)
 
 
 def test_regularized_nash_fixed_point_fast_and_certified():
+    import time
     for n in (2, 3, 6, 10):
         for seed in range(4):
             game = G.random_game(n, seed)
@@ -128,16 +153,29 @@ def test_regularized_nash_fixed_point_fast_and_certified():
                 t0 = time.perf_counter()
                 pi = G.regularized_nash(game.P, game.mu, tau)
                 assert time.perf_counter() - t0 < 0.5, "regularized_nash must be fast for small tau"
-                assert G.duality_gap(game.P, pi, game.mu, tau) <= 1e-10
-                assert np.abs(G.best_response(game.P, pi, game.mu, tau) - pi).max() < 1e-10
-                # J_τ(π*, p) ≥ 1/2 for every p: the min-player's best response is BR_τ(π*) itself
-                br = G.best_response(game.P, pi, game.mu, tau)
-                assert J(game.P, game.mu, tau, pi, br) >= 0.5 - 1e-10
+                assert duality_gap(game.P, pi, game.mu, tau) <= 1e-10
+                br = best_response(game.P, pi, game.mu, tau)
+                assert (br - pi).abs().max() < 1e-10
+                assert J(game.P, game.mu, tau, pi, br) >= 0.5 - 1e-10   # its best reply is BR_τ(π*)
+
+
+def test_newton_never_accepts_a_non_improving_step(monkeypatch):
+    """Issue 8: the backtracking took its last, non-improving step when no step size helped. With a wrong
+    Newton direction (the solver is sabotaged) Newton must leave z alone; regularized_nash then falls back to
+    the damped iteration and still certifies."""
+    game = G.random_game(4, 0)
+    resid = lambda z: (game.mu.log() + game.P @ z.softmax(-1) / 1.0 - z).abs().max()   # noqa: E731
+    monkeypatch.setattr(torch.linalg, "solve", lambda J, b: -10 * b)          # uphill for every step size
+    z0 = game.mu.log()
+    z = G._newton(game.P, game.mu.log(), 1.0, z0.clone())
+    assert resid(z) <= resid(z0) and torch.equal(z, z0)
+    pi = G.regularized_nash(game.P, game.mu, 0.3)
+    assert duality_gap(game.P, pi, game.mu, 0.3) <= 1e-10
 
 
 def test_two_action_closed_form():
-    p, mu = 0.8, np.array([.3, .7])
-    P = np.array([[.5, p], [1 - p, .5]])
+    p, mu = 0.8, torch.tensor([.3, .7], dtype=F64)
+    P = torch.tensor([[.5, p], [1 - p, .5]], dtype=F64)
     for tau in (1, .1, .02):
         pi = G.regularized_nash(P, mu, tau)
         assert abs(math.log(pi[0] / pi[1]) - (math.log(mu[0] / mu[1]) + (p - .5) / tau)) < 1e-8
@@ -148,194 +186,313 @@ def test_gap_formula_equals_brute_force(tau):
     game = G.random_game(3, 7)
     P, mu = game.P, game.mu
     grid = simplex_grid(400)
-    rng = np.random.default_rng(0)
-    for pi in rng.dirichlet(np.ones(3), size=4):
-        formula = G.duality_gap(P, pi, mu, tau)
-        if tau == 0:                                     # linear in each argument: vertices are exact
-            brute = max(J(P, mu, 0, e, pi) for e in np.eye(3)) - min(J(P, mu, 0, pi, e) for e in np.eye(3))
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        pi = -torch.rand(3, generator=gen, dtype=F64).log()
+        pi = pi / pi.sum()
+        formula = duality_gap(P, pi, mu, tau)
+        if tau == 0:                                         # linear in each argument: vertices are exact
+            E = torch.eye(3, dtype=F64)
+            brute = max(J(P, mu, 0, e, pi) for e in E) - min(J(P, mu, 0, pi, e) for e in E)
             assert abs(brute - formula) < 1e-14
         else:
-            best = (grid @ P @ pi - tau * kl_rows(grid, mu)).max() + tau * G.kl(pi, mu)       # max_π1 J(π1, π)
-            worst = (pi @ P @ grid.T + tau * kl_rows(grid, mu)).min() - tau * G.kl(pi, mu)    # min_π2 J(π, π2)
-            brute = best - worst
-            assert brute <= formula + 1e-12 and formula - brute < 2e-3
-            br = G.best_response(P, pi, mu, tau)          # the closed-form BR attains the max exactly
+            best = J(P, mu, tau, grid, pi).max()                                 # max_π1 J(π1, π)
+            worst = (pi @ P @ grid.T + tau * kl(grid, mu)).min() - tau * kl(pi, mu)   # min_π2 J(π, π2)
+            assert best - worst <= formula + 1e-12 and formula - (best - worst) < 2e-3
+            br = best_response(P, pi, mu, tau)               # the closed-form BR attains the max exactly
             assert abs(J(P, mu, tau, br, pi) - J(P, mu, tau, pi, br) - formula) < 1e-12
 
 
 def test_gap_zero_at_ne_and_positive_elsewhere():
-    game = G.weighted_cycle()
-    assert abs(G.duality_gap(game.P, np.array([1 / 3, 1 / 2, 1 / 6]))) < 1e-15
-    assert G.duality_gap(game.P, MU_U) > 0.01
+    P = G.weighted_cycle().P
+    assert abs(duality_gap(P, torch.tensor([1 / 3, 1 / 2, 1 / 6], dtype=F64))) < 1e-15
+    assert duality_gap(P, MU_U) > 0.01
 
 
 def test_best_response_tau0_is_argmax():
     P = G.rps().P
-    assert np.allclose(G.best_response(P, np.array([1.0, 0, 0])), [0, 1, 0])   # paper beats rock
-    assert np.allclose(G.best_response(P, MU_U), MU_U)                          # all tie at the NE
+    assert torch.equal(best_response(P, torch.tensor([1.0, 0, 0], dtype=F64), None, 0.0),
+                       torch.tensor([0, 1.0, 0], dtype=F64))                      # paper beats rock
+    assert torch.allclose(best_response(P, MU_U, None, 0.0), MU_U)             # all tie at the NE
 
 
 def test_bt_reward_recovers_bt_scores():
-    R = np.array([0, math.log(9), math.log(2)])
-    assert np.allclose(G.bt_reward(G.bt3().P, MU_S), R - R.mean(), atol=1e-10)
+    R = torch.tensor([0, math.log(9), math.log(2)], dtype=F64)
+    assert torch.allclose(G.bt_reward(G.bt3().P, MU_S), R - R.mean(), atol=1e-10)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# closed-form dynamics
+def test_duel_winner_is_a_distribution():
+    game = G.random_game(7, 0)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        pi = -torch.rand(7, generator=gen, dtype=F64).log()
+        w = duel_winner(game.P, pi / pi.sum())
+        assert w.min() >= 0 and abs(w.sum() - 1) < 1e-14
+
+
+# ----------------------------------------------------------------------------------------------------------
+# closed-form dynamics (regularised)
 
 @pytest.mark.parametrize("tau", [1.0, 0.3, 0.1])
 def test_nash_md_last_iterate_bound(tau):
-    """NLHF Thm 1: with η_t = 2/(τ(t+2)), KL(π*_τ‖π_T) ≤ 8/(τ²(T+1)) at every T."""
-    for seed in range(3):
-        game = G.random_game(6, seed)
-        star = G.regularized_nash(game.P, game.mu, tau)
-        pi = game.mu
-        for T in range(1, 301):
-            pi = G.nash_md_step(game.P, game.mu, pi, 2 / (tau * (T + 1)), tau)     # step t = T-1
-            assert G.kl(star, pi) <= 8 / (tau**2 * (T + 1))
-        assert G.kl(star, pi) < 1e-3 * 8 / (tau**2 * 301)   # and far below it in practice
+    """NLHF Thm 1: with η_t = 2/(τ(t+2)), KL(π*_τ‖π_T) ≤ 8/(τ²(T+1)) at every T (three games at once)."""
+    games = [G.random_game(6, seed) for seed in range(3)]
+    P, mu = torch.stack([g.P for g in games]), torch.stack([g.mu for g in games])
+    star = torch.stack([G.regularized_nash(g.P, g.mu, tau) for g in games])
+    traj = steps(lambda z, t: G.nash_md(P, mu.log(), z, 2 / (tau * (t + 2)), tau), mu.log(), 300)
+    bound = 8 / (tau ** 2 * (torch.arange(301, dtype=F64) + 1))
+    assert (kl(star, traj)[1:] <= bound[1:, None]).all()
+    assert (kl(star, traj[-1]) < 1e-3 * bound[-1]).all()                      # and far below it in practice
 
 
 def test_nash_md_first_step_is_best_response_to_mu():
     game, tau = G.random_game(5, 3), 0.2
-    pi1 = G.nash_md_step(game.P, game.mu, game.mu, 1 / tau, tau)
-    assert np.allclose(pi1, G.best_response(game.P, game.mu, game.mu, tau), atol=1e-14)
+    pi1 = G.nash_md(game.P, game.mu.log(), game.mu.log(), 1 / tau, tau).softmax(-1)
+    assert torch.allclose(pi1, best_response(game.P, game.mu, game.mu, tau), atol=1e-14)
 
 
-def test_constant_step_nash_md_is_biased_but_omd_is_not():
-    game, tau, eta = G.weighted_cycle(), 0.1, 1.0          # ητ = 0.1
-    star = G.regularized_nash(game.P, game.mu, tau)
-    md = G.run(lambda pi, t: G.nash_md_step(game.P, game.mu, pi, eta, tau), game.mu, 3000)[-1]
-    omd = G.run(lambda pi, t: G.omd_step(game.P, game.mu, pi, eta, tau), game.mu, 3000)[-1]
-    assert np.abs(md - star).max() > 1e-4                   # converged, but to the wrong point
-    assert np.abs(omd - star).max() < 1e-12
-    mix = G.geo_mix(md, game.mu, eta * tau)                 # its mixture is the NE at τ/(1 − ητ)
-    assert np.abs(mix - G.regularized_nash(game.P, game.mu, tau / (1 - eta * tau))).max() < 1e-9
+def test_constant_step_nash_md_is_biased_but_inpo_is_not():
+    game, tau, eta = G.weighted_cycle(), 0.1, 1.0           # ητ = 0.1
+    lm, star = game.mu.log(), G.regularized_nash(game.P, game.mu, tau)
+    md = steps(lambda z, t: G.nash_md(game.P, lm, z, eta, tau), lm, 3000)[-1]
+    inpo = steps(lambda z, t: G.inpo(game.P, lm, z, eta, tau), lm, 3000)[-1]
+    assert (md - star).abs().max() > 1e-4                   # converged, but to the wrong point
+    assert (inpo - star).abs().max() < 1e-12
+    mix = geometric_mixture(md.log(), lm, eta * tau).exp()  # its mixture is the NE at τ/(1 − ητ)
+    assert (mix - G.regularized_nash(game.P, game.mu, tau / (1 - eta * tau))).abs().max() < 1e-9
 
 
-def test_mmd_equals_omd_and_geometric_step_to_br():
-    rng = np.random.default_rng(1)
+def test_inpo_is_mmd_and_a_geometric_step_to_the_best_response():
+    """MMD (Sokota et al. 2022), written out here: log π' = (log π + η'τ log μ + η' Pπ)/(1 + η'τ) + c, equals
+    INPO with η = η'/(1 + η'τ), which equals π^{1−ητ} BR_τ(π)^{ητ}."""
+    gen = torch.Generator().manual_seed(1)
     for seed in range(5):
         game = G.random_game(5, seed)
-        pi, tau, eta_p = rng.dirichlet(np.ones(5)), rng.uniform(.05, 1), rng.uniform(.1, 5)
+        pi = -torch.rand(5, generator=gen, dtype=F64).log()
+        pi, lm = pi / pi.sum(), game.mu.log()
+        u = torch.rand(2, generator=gen).tolist()
+        tau, eta_p = 0.05 + 0.95 * u[0], 0.1 + 4.9 * u[1]
+        mmd = torch.softmax((pi.log() + eta_p * tau * lm + eta_p * game.P @ pi) / (1 + eta_p * tau), -1)
         eta = eta_p / (1 + eta_p * tau)
-        a = G.mmd_step(game.P, game.mu, pi, eta_p, tau)
-        b = G.omd_step(game.P, game.mu, pi, eta, tau)
-        c = G.geo_mix(pi, G.best_response(game.P, pi, game.mu, tau), eta * tau)
-        assert np.abs(a - b).max() < 1e-14 and np.abs(b - c).max() < 1e-14
+        inpo = G.inpo(game.P, lm, pi.log(), eta, tau).softmax(-1)
+        geo = geometric_mixture(pi.log(), best_response(game.P, pi, game.mu, tau).log(), eta * tau).exp()
+        assert (mmd - inpo).abs().max() < 1e-14 and (inpo - geo).abs().max() < 1e-14
 
 
-def test_mwu_self_play_spirals_out_on_rps():
-    P, u = G.rps().P, MU_U
-    traj = G.run(lambda pi, t: G.mwu_step(P, pi, 0.1), MU_S, 5000)
-    kls = [G.kl(u, p) for p in traj[::500]]
-    assert all(b > a for a, b in zip(kls, kls[1:]))        # moves away from the NE, monotonically
-    assert abs(G.kl(u, traj[5000]) - 1.12) < 0.005          # ALGORITHMS §8 G3
+def test_rlhf_is_inpo_with_a_fixed_reward_and_misses_the_ne():
+    """BT-reward RLHF converges to μ e^{r/τ}, a transitive summary: far from π*_τ on RPS."""
+    game, tau = G.rps(), 0.1
+    r, lm = G.bt_reward(game.P, game.mu), game.mu.log()
+    pi = steps(lambda z, t: G.inpo(game.P, lm, z, 1.0, tau, r), lm, 2000)[-1]
+    assert torch.allclose(pi, torch.softmax(lm + r / tau, -1), atol=1e-12)
+    assert duality_gap(game.P, pi, game.mu, tau) > 0.5
 
 
 def test_fixed_beta_nash_md_pg_lands_on_ne_at_tau_over_1_minus_beta():
     tau, beta = 0.1, 0.25
     for game in (G.weighted_cycle(), G.random_game(5, 2)):
-        pi = G.run(lambda p, t: G.nash_md_pg_step(game.P, game.mu, p, 3.0, tau, beta), game.mu, 4000)[-1]
-        mix = G.geo_mix(pi, game.mu, beta)
-        assert np.abs(mix - G.regularized_nash(game.P, game.mu, tau / (1 - beta))).max() < 1e-7
-        assert np.abs(pi - G.best_response(game.P, mix, game.mu, tau)).max() < 1e-7
-        assert np.abs(pi - G.regularized_nash(game.P, game.mu, tau)).max() > 5e-3   # π itself is biased
+        lm = game.mu.log()
+        pi = steps(lambda z, t: G.nash_md_pg(game.P, lm, z, 3.0, tau, beta), lm, 4000)[-1]
+        mix = geometric_mixture(pi.log(), lm, beta).exp()
+        assert (mix - G.regularized_nash(game.P, game.mu, tau / (1 - beta))).abs().max() < 1e-7
+        assert (pi - best_response(game.P, mix, game.mu, tau)).abs().max() < 1e-7
+        assert (pi - G.regularized_nash(game.P, game.mu, tau)).abs().max() > 5e-3   # π itself is biased
 
 
 def test_online_dpo_stationary_point_is_not_the_ne():
-    """n = 2, p = .8, β = τ = .1: online DPO stops at log(π1/π2) = logit(p)/β = 13.86, the NE is at 3.00 (§7)."""
-    p, beta = 0.8, 0.1
-    P, mu = np.array([[.5, p], [1 - p, .5]]), np.array([.5, .5])
+    """n = 2, p = .8, τ = .1: online DPO stops at log(π1/π2) = logit(p)/τ = 13.86, the NE is at 3.00 (§7)."""
+    p, tau = 0.8, 0.1
+    P, lm = torch.tensor([[.5, p], [1 - p, .5]], dtype=F64), torch.full((2,), math.log(.5), dtype=F64)
 
-    def grad_per_pair(d):                                 # expected gradient / (π1 π2): removes the vanishing factor
-        z = np.array([d, 0.0])
-        pi = G.softmax(z)
-        return G.online_dpo_grad(P, mu, z, beta) / (pi[0] * pi[1])
+    def drift(d):                           # the expected step / (lr π1 π2): removes the vanishing factor
+        z = torch.log_softmax(torch.tensor([d, 0.0], dtype=F64), -1)
+        return (G.online_dpo(P, lm, z, 1.0, tau) - z) / z.exp().prod()
 
-    d_dpo, d_ne = math.log(p / (1 - p)) / beta, (p - .5) / 0.1
+    d_dpo, d_ne = math.log(p / (1 - p)) / tau, (p - .5) / tau
     assert abs(d_dpo - 13.86) < 5e-3 and abs(d_ne - 3.0) < 1e-12
-    assert np.abs(grad_per_pair(d_dpo)).max() < 1e-12
-    assert grad_per_pair(d_ne)[0] < -0.01                 # at the NE the DPO gradient still pushes π1 up
-    pi = G.regularized_nash(P, mu, 0.1)
+    assert drift(d_dpo).abs().max() < 1e-12
+    assert drift(d_ne)[0] > 0.01                        # at the NE the DPO step still pushes π1 up
+    pi = G.regularized_nash(P, lm.exp(), tau)
     assert abs(math.log(pi[0] / pi[1]) - d_ne) < 1e-9
 
 
+# ----------------------------------------------------------------------------------------------------------
+# closed-form dynamics (unregularised): last and average iterate, log space
+
+def test_run_logs_the_running_average_of_the_policies():
+    P, mu = G.rps().P, MU_S
+    step = lambda z, t: G.maio(P, z, 0.1, z.exp())                             # noqa: E731  (MWU)
+    its, pi, avg = G.run(step, mu.log(), 50, dense=50)
+    traj = steps(step, mu.log(), 50)
+    assert its.tolist() == list(range(51)) and torch.allclose(pi, traj, atol=1e-15)
+    assert torch.allclose(avg, traj.cumsum(0) / torch.arange(1, 52, dtype=F64)[:, None], atol=1e-15)
+
+
+def test_mwu_cycles_but_its_average_approaches_the_ne_on_rps():
+    P, mu = G.rps().P, MU_S
+    its, pi, avg = G.run(lambda z, t: G.maio(P, z, 0.1, z.exp()), mu.log(), 10_000, dense=5000)
+    kls = kl(MU_U, pi[:5001:500])                                            # iterations 0, 500, …, 5000
+    assert (kls[1:] > kls[:-1]).all() and abs(kls[-1] - 1.12) < 0.005     # spirals out (§8 G3)
+    assert duality_gap(P, pi[-1]) > 0.5 and duality_gap(P, avg[-1]) < 1e-2
+
+
+def test_lana_geometric_step_on_rps_last_and_average():
+    """§5.2 reading: the last iterate stays at DualGap_0 ≈ 1 and the AVERAGE gets worse with time (the policy
+    circles the pure strategies with growing dwell times): the paper's 'convergence on average' fails here.
+    The printed sign's average does converge on RPS, its last iterate does not."""
+    P, mu = G.rps().P, MU_S
+    its, pi, avg = G.run(lambda z, t: G.lana_geo(P.log(), z, 0.5, torch.tensor([[1.0], [-1.0]], dtype=F64)),
+                         mu.log().expand(2, 3), 30_000)
+    gap, gap_avg = duality_gap(P, pi), duality_gap(P, avg)                   # (m, 2)
+    at = {t: i for i, t in enumerate(its.tolist())}
+    assert gap[-1, 0] > 0.99 and gap_avg[-1, 0] > gap_avg[at[10_000], 0] + 0.05 > 0.7     # 0.78, then 0.93
+    assert gap[-1, 1] > 0.1 and gap_avg[at[10_000], 1] < 2e-3 and gap_avg[-1, 1] < 2e-3
+
+
+def test_lana_geometric_step_is_exact_in_log_space():
+    """RPS's P has zeros, so π(y) reaches e^-700 (below float64's 1e-300) within ~150 steps. In log space the
+    step stays exact: it matches a 60-digit Decimal reference, and a long run never produces a NaN."""
+    P, mu, gamma = G.rps().P, MU_S, 0.5
+    z = mu.log()
+    for t in range(300):
+        z = torch.log_softmax(G.lana_geo(P.log(), z, gamma), -1)
+    getcontext().prec = 60
+    Pd = [[Decimal(repr(x)) for x in row] for row in P.tolist()]              # 0, 1/2 and 1: exact
+    pi = [Decimal(x) / 10 for x in (6, 3, 1)]
+    for t in range(300):                                        # π' ∝ π (Pπ)^γ with γ = 1/2
+        pi = [p * sum(Pd[i][j] * pi[j] for j in range(3)).sqrt() for i, p in enumerate(pi)]
+        pi = [p / sum(pi) for p in pi]
+    ref = torch.tensor([float(p.ln()) for p in pi], dtype=F64)
+    assert ref.min() < -690                                     # exp() of it underflows in float64
+    assert (z - ref).abs().max() < 1e-9
+    _, last, avg = G.run(lambda z, t: G.lana_geo(P.log(), z, gamma), mu.log(), 100_000)
+    assert torch.isfinite(last).all() and torch.isfinite(avg).all()
+    assert (last.sum(-1) - 1).abs().max() < 1e-12
+
+
 def test_lana_signs_on_bt3():
-    """§5.2 reading moves mass to the Condorcet winner y2; the printed sign moves it away (both tabular forms)."""
-    P, mu = G.bt3().P, MU_S
-    for step in (G.lana_step, lambda P, pi, g, s=False: G.lana_sgd_step(P, pi, g, s)):
-        good = G.run(lambda pi, t: step(P, pi, 0.5), mu, 200)[:, 1]
-        bad = G.run(lambda pi, t: step(P, pi, 0.5, True), mu, 200)[:, 1]
-        assert good[-1] > 0.99 and np.all(np.diff(good) >= 0) and good[1] > good[0]
-        assert bad[-1] < 0.01 and np.all(np.diff(bad) <= 0) and bad[1] < bad[0]
+    """§5.2 reading: mass to the Condorcet winner y2; the printed sign: away from it (both tabular forms)."""
+    P, lm = G.bt3().P, MU_S.log()
+    for step in (lambda z, s: G.lana_geo(P.log(), z, 0.5, s), lambda z, s: G.lana(P, z, 0.5, s)):
+        good = steps(lambda z, t: step(z, 1), lm, 200)[:, 1]
+        bad = steps(lambda z, t: step(z, -1), lm, 200)[:, 1]
+        assert good[-1] > 0.99 and (good.diff() >= 0).all() and good[1] > good[0]
+        assert bad[-1] < 0.01 and (bad.diff() <= 0).all() and bad[1] < bad[0]
 
 
-def test_duel_winner_is_a_distribution():
-    rng = np.random.default_rng(0)
-    game = G.random_game(7, 0)
-    for pi in rng.dirichlet(np.ones(7), size=5):
-        w = G.duel_winner(game.P, pi)
-        assert w.min() >= 0 and abs(w.sum() - 1) < 1e-14
+def test_maio_pg_converges_in_the_last_iterate_where_lana_does_not():
+    """Same opponent (the duel winner), payoff P(y ≻ ỹ) instead of LANA's log-ratio: MAIO-PG's last iterate
+    reaches the NE on the cyclic games; LANA's expected step (same lr) does not."""
+    for game in (G.rps(), G.weighted_cycle(), G.nlhf3()):
+        P, lm = game.P, game.mu.log()
+        _, pi, _ = G.run(lambda z, t: G.maio_pg(P, z, 1.0), lm, 5000)
+        _, pi_lana, _ = G.run(lambda z, t: G.lana(P, z, 1.0), lm, 5000)
+        assert duality_gap(P, pi[-1]) < 1e-10 and duality_gap(P, pi_lana[-1]) > 0.1
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# sampled versions (softmax table + nano_nash losses)
+# ----------------------------------------------------------------------------------------------------------
+# sampled runs: a softmax table trained with the nano_nash losses follows the closed forms
 
-def test_sampled_inpo_reaches_small_gap_on_rps():
-    game, tau = G.rps(), 0.1                               # μ = (.6, .3, .1): π*_τ is not uniform
-    traj, dev = G.sampled_inpo(game, tau, eta=tau / 0.1, iters=40, steps=10, batch=4096, lr=1.0, seed=0)
-    assert G.duality_gap(game.P, traj[0], game.mu, tau) > 0.1
-    assert G.duality_gap(game.P, traj[-1], game.mu, tau) < 1e-2
-    assert dev.mean() < 0.03                                # each iteration ≈ the closed-form INPO update
+def test_sampled_inpo_follows_the_closed_form_and_reaches_a_small_gap():
+    game, tau = G.rps(), 0.1                              # μ = (.6, .3, .1): π*_τ is not uniform
+    P, mu = game.P[None], game.mu[None]
+    gen = torch.Generator().manual_seed(0)
+    sampled = G.sgd(lambda lp, prev: G.inpo_batch(P, gen, 4096, mu.log(), 0.1 / tau, tau, lp, prev), 1.0, 10)
+    _, traj, _ = G.run(sampled, mu.log(), 40, dense=40)
+    _, closed, _ = G.run(lambda z, t: G.inpo(P, mu.log(), z, 0.1 / tau, tau), mu.log(), 40, dense=40)
+    assert duality_gap(P, traj[0], mu, tau) > 0.1 and duality_gap(P, traj[-1], mu, tau) < 1e-2
+    assert (traj - closed).abs().max() < 0.05
 
 
-def test_sampled_steps_match_closed_form_in_expectation():
+def _one_sgd_step(batch_loss, P, z0, lr, B=200_000, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return G.sgd(lambda logp, prev: batch_loss(P, gen, B, logp, prev), lr)(z0, 0).softmax(-1)
+
+
+def test_sampled_steps_match_the_expected_steps():
     """One SGD step with a huge batch ≈ the closed-form expected step (same lr), from a non-trivial π."""
     game = G.weighted_cycle()
-    one = lambda traj: traj[1]                              # noqa: E731
-    pg = G.sampled_nash_md_pg(game, 0.1, 0.25, 1, 200_000, 3.0, seed=1)
-    assert np.abs(one(pg) - G.nash_md_pg_step(game.P, game.mu, game.mu, 3.0, 0.1, 0.25)).max() < 5e-3
-    for printed in (False, True):
-        la = G.sampled_lana(game, 1, 200_000, 2.0, printed, seed=1)
-        want = G.lana_sgd_step(game.P, game.mu, 2.0, printed)
-        assert np.abs(one(la) - want).max() < 5e-3
-        assert np.sign(one(la)[1] - game.mu[1]) == np.sign(want[1] - game.mu[1]) != 0
+    P, lm = game.P[None], game.mu.log()[None]
+    for sign in (1, -1):
+        got = _one_sgd_step(lambda P, gen, B, lp, prev: G.lana_batch(P, gen, B, sign, lp, prev), P, lm, 2.0)
+        want = G.lana(P, lm, 2.0, sign).softmax(-1)
+        assert (got - want).abs().max() < 5e-3 and torch.sign(got[0, 1] - game.mu[1]) == torch.sign(
+            want[0, 1] - game.mu[1]) != 0
+    got = _one_sgd_step(G.maio_pg_batch, P, lm, 2.0)
+    assert (got - G.maio_pg(P, lm, 2.0).softmax(-1)).abs().max() < 5e-3
+
+    def nash_md_pg_batch(P, gen, B, logp, prev):           # Nash-MD-PG: y ~ π against y' ~ π^{1−β} μ^β
+        y = torch.multinomial(prev.exp(), B, True, generator=gen)
+        y2 = torch.multinomial(geometric_mixture(prev, lm, 0.25).exp(), B, True, generator=gen)
+        return pg_loss(G.at(logp, y), G.judge(P, y, y2, gen).flatten().to(F64), G.at(lm, y), tau=0.1)[0]
+    got = _one_sgd_step(nash_md_pg_batch, P, lm, 3.0)
+    assert (got - G.nash_md_pg(P, lm, lm, 3.0, 0.1, 0.25).softmax(-1)).abs().max() < 5e-3
 
 
-def test_judge_noise_flips_outcomes():
-    import torch
-    P = torch.tensor(G.bt3().P)
+def test_noisy_judge_is_the_oracle_of_p_eps():
+    P = G.bt3().P[None]
     gen = torch.Generator().manual_seed(0)
-    y, y2 = torch.full((100_000,), 1), torch.full((100_000,), 0)
-    assert abs(G.judge(P, y, y2, gen).double().mean().item() - 0.9) < 5e-3
-    assert abs(G.judge(P, y, y2, gen, eps=0.2).double().mean().item() - (0.2 + 0.6 * 0.9)) < 5e-3
+    y, y2 = torch.full((1, 100_000), 1), torch.full((1, 100_000), 0)
+    assert abs(G.judge(P, y, y2, gen).double().mean() - 0.9) < 5e-3
+    assert abs(G.judge(0.2 + 0.6 * P, y, y2, gen).double().mean() - (0.2 + 0.6 * 0.9)) < 5e-3
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# the script
+# ----------------------------------------------------------------------------------------------------------
+# reference curves for train_lm.py, palette, the script
+
+def test_reference_curves_for_train_lm():
+    games = [G.rps(), G.dice(), G.weighted_cycle(), G.nlhf3()]
+    P = torch.stack([g.P for g in games])
+    mu = torch.softmax(torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=F64), -1)
+    curves = G.reference_curves(P, mu, tau=0.1, eta=1.0, beta=0.125, steps=300, lr=3.0)
+    assert list(curves) == ["inpo", "nash_md_pg", "lana", "lana_printed", "maio_pg"]
+    assert all(c.shape == (301,) for c in curves.values())
+    start_tau = duality_gap(P, mu, mu, 0.1).mean()
+    assert abs(curves["inpo"][0] - start_tau) < 1e-15
+    assert abs(curves["lana"][0] - duality_gap(P, mu).mean()) < 1e-15
+    assert curves["inpo"][-1] < start_tau / 100 and curves["maio_pg"][-1] < curves["lana"][-1] / 5
+    avg = G.reference_curves(P.numpy(), mu.numpy(), 0.1, 1.0, 0.125, 300, 3.0, average=True)
+    assert abs(avg["lana"][0] - curves["lana"][0]) < 1e-15
+    assert abs(avg["lana"][-1] - curves["lana"][-1]) > 1e-3
+
+
+def test_one_colour_and_a_distinguishable_style_per_algorithm():
+    names = G.REG + G.UNREG
+    assert set(G.COLORS) == set(G.LINESTYLES) == set(names) and len(set(G.COLORS.values())) == len(names)
+    for family in (G.REG, G.UNREG, ["inpo", "nash_md_pg", "lana", "lana_printed", "maio_pg"]):
+        assert len({str(G.LINESTYLES[a]) for a in family}) == len(family)
+
 
 def test_log_iters():
     its = G.log_iters(1000)
     assert its[0] == 0 and its[-1] == 1000 and its == sorted(set(its)) and len(its) > 20
 
 
-def test_parse_args_from_dataclass():
-    cfg = G.parse_args(argv=["--game", "rps", "--iters", "7", "--smoke", "--tau", "0.5"])
+def test_parse_args_from_the_dataclass():
+    cfg = G.parse_args(["--game", "rps", "--iters", "7", "--smoke", "--tau", "0.5"])
     assert (cfg.game, cfg.iters, cfg.smoke, cfg.tau, cfg.seed) == ("rps", 7, True, 0.5, 0)
+    assert G.parse_args(["--no-smoke"]).smoke is False and G.parse_args([]) == G.GameConfig()
     with pytest.raises(ValueError, match="unknown --game"):
-        G.make_games(G.GameConfig(game="nope"))
+        G.main(G.GameConfig(game="nope", out="/nonexistent"))
 
 
-def test_smoke_run_writes_files(tmp_path):
+@pytest.mark.parametrize("game", ["bt3", "dice", "rps", "cycle", "nlhf3", "random"])
+def test_every_game_runs(game, tmp_path):
+    """Issue 8: `--game random` crashed (the simplex panel got a 6-action game). Every --game value runs."""
+    G.main(G.parse_args(["--smoke", "--game", game, "--out", str(tmp_path)]))
+    rows = list(csv.DictReader(open(tmp_path / "games_curves.csv")))
+    assert {r["game"] for r in rows} == {game} and (tmp_path / "games_main.png").stat().st_size > 10_000
+
+
+def test_smoke_run_writes_its_files(tmp_path):
     r = subprocess.run([sys.executable, "games.py", "--smoke", "--out", str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "games_main.png").stat().st_size > 10_000
     rows = list(csv.DictReader(open(tmp_path / "games_curves.csv")))
-    games = {r["game"] for r in rows}
-    assert games == {"bt3", "dice", "rps", "cycle", "nlhf3", "random"}
-    for game, algo in itertools.product(games, ["nash_md", "inpo", "mwu", "lana_printed"]):
-        its = [int(r["iter"]) for r in rows if r["game"] == game and r["algorithm"] == algo]
-        assert its == G.log_iters(64)                     # the smoke setting (64 iterations) reached the loop
-    assert "final gap after 64 iterations" in r.stdout
+    assert {r["game"] for r in rows} == {"bt3", "dice", "rps", "cycle", "nlhf3", "random"}
+    for algo, T in [("nash_md", 64), ("inpo", 64), ("mwu", 64), ("lana_printed", 640), ("maio_pg", 64)]:
+        its = [int(r["iter"]) for r in rows if r["game"] == "rps" and r["algorithm"] == algo and
+               r["iterate"] == "average"]
+        assert its == G.log_iters(T)                      # the smoke setting reached the loop
+    assert "| lana_geo | DualGap_0 | 640 |" in r.stdout and "rps last | rps avg" in r.stdout
