@@ -1,15 +1,12 @@
 """
-tasks.py: what train_lm.py trains on. Two tasks behind one interface, so the training loop and every step read
-the same for both:
-
-    task.prompts     chat-formatted token ids, one list per prompt (task.texts: the texts)
-    task.vocab       the token ids responses are drawn from (None: all), task.stop_ids
+tasks.py: what train_lm.py trains on: two tasks behind one interface, so the loop and the steps read the same.
+    task.prompts, task.texts    chat-formatted token ids and the texts, one per prompt
+    task.vocab, task.stop_ids   the ids responses are drawn from (None: all) and those that end them
     task.judge(model, r1, r2, adapters, both_orders) -> (P(y ≻ y') per pair (B,), stats)
-    task.measure(model, adapter) -> {"gap": ..., "gap0": ...} exact duality gaps of the policy (toy), or {}
-
+    task.measure(model, judges, avg) -> exact duality gaps of the policy and its average (toy), or {}
 ToyTask  (--model tiny): a tiny random Phi-3 answers 4 prompts with L tokens from {a, b, c}; each prompt is a
          game from games.py, whose P judges; the policy can be enumerated, so its duality gap is exact.
-ChatTask (--model phi3): real prompts; an LM reads a judge prompt and answers "1" or "2".
+ChatTask (--model phi3): real prompts; the LM reads a judge prompt and answers "1" or "2" (SelfJudge).
 """
 import json
 import os
@@ -42,9 +39,10 @@ class Rollout(NamedTuple):
 
 class ToyTask:
     """4 prompts, each its own game over the n = 3^L responses {a,b,c}^L. L = 1: rock-paper-scissors,
-    Gardner's dice, a weighted cycle, NLHF's 3-type game; L ≥ 2: random games. The game's P is the judge (an
-    oracle; with label noise ε the game is P_ε = ε + (1 − 2ε) P). μ: the model's policy, adapters off."""
-    def __init__(self, cfg):
+    Gardner's dice, a weighted cycle, NLHF's 3-type game; L ≥ 2: random games. The judge is the game's P (an
+    oracle; with label noise ε the game is P_ε = ε + (1 − 2ε) P), or with self_judge the model itself reading
+    TOY_JUDGE (selfjudge.py teaches it). μ: the model's policy, adapters off."""
+    def __init__(self, cfg, self_judge=False):
         self.tok, L = tiny_tokenizer(), cfg.max_new_tokens
         self.texts = ["RPS:", "Dice:", "Cycle:", "NLHF:"] if L == 1 else ["A:", "B:", "C:", "D:"]
         self.user = [self.tok.encode(t) for t in self.texts]
@@ -54,73 +52,104 @@ class ToyTask:
             [games.random_game(3 ** L, cfg.seed + k) for k in range(4)]
         self.P = cfg.label_noise + (1 - 2 * cfg.label_noise) * torch.stack([g.P for g in gs])  # (K, n, n)
         self.L, self.tau = L, cfg.tau
+        self.judge = SelfJudge(self.tok, self.user, TOY_JUDGE) if self_judge else self.oracle
 
     def actions(self, r):
         """Each row's response as an index in {a,b,c}^L (base 3): (B,)."""
         digits = (r.tokens[:, -self.L:, None] == self.vocab.to(r.tokens.device)).long().argmax(-1)   # (B, L)
         return (digits * 3 ** torch.arange(self.L - 1, -1, -1, device=digits.device)).sum(-1)
 
-    def judge(self, model, r1, r2, adapters=None, both_orders=False):
+    def oracle(self, model, r1, r2, adapters=None, both_orders=False):
         p = self.P[r1.k.cpu(), self.actions(r1).cpu(), self.actions(r2).cpu()]
         return p.float().to(r1.k.device), {}
+
+    def responses(self):                                          # {a,b,c}^L in base-3 order
+        return [list(y) for y in product(self.vocab.tolist(), repeat=self.L)]
 
     @torch.no_grad()
     def policy(self, model, adapter):
         """The exact table π(y | x_k): (K, n), float64. One forward over all K·n prompt-response sequences."""
-        ys = list(product(self.vocab.tolist(), repeat=self.L))             # {a,b,c}^L, in base-3 order
-        seqs = [p + list(y) for p in self.prompts for y in ys]
-        tokens, mask = left_pad(seqs, self.tok.pad_id)
+        tokens, mask = left_pad([p + y for p in self.prompts for y in self.responses()], self.tok.pad_id)
         resp = torch.zeros_like(mask)
         resp[:, -self.L:] = 1
         dev = model.lm_head.weight.device
         logp = sequence_logprobs(model, tokens.to(dev), mask.to(dev), resp.to(dev), adapter, self.vocab)
         return logp.double().exp().view(len(self.prompts), -1).cpu()
 
-    def measure(self, model, adapter):
-        """Mean over prompts of DualGap_τ (against π*_τ of (P, μ, τ)) and DualGap_0 (the unregularised NE)."""
-        pi, mu = self.policy(model, adapter), self.policy(model, None)
-        return {"gap": nano_nash.duality_gap(self.P, pi, mu, self.tau).mean().item(),
-                "gap0": nano_nash.duality_gap(self.P, pi).mean().item()}
+    def measure(self, model, judges, avg):
+        """judges: trained adapter -> the adapter judging it. For each: mean DualGap_τ (to π*_τ of (P, μ, τ))
+        and DualGap_0 (to the NE) of its policy and of its average iterate (the mean of the tables logged so
+        far; avg is updated in place), and a self-judge's mean error |P̂ − P| over all pairs. Keys of the
+        second adapter end in "_<name>"."""
+        mu, out = self.policy(model, None), {}
+        for i, (a, judge) in enumerate(judges.items()):
+            pi = self.policy(model, a)
+            total, n = avg.get(a, (0, 0))
+            avg[a] = (total + pi, n + 1)
+            end = f"_{a}" if i else ""
+            for pre, p in (("", pi), ("avg_", avg[a][0] / avg[a][1])):
+                out[f"{pre}gap{end}"] = nano_nash.duality_gap(self.P, p, mu, self.tau).mean().item()
+                out[f"{pre}gap0{end}"] = nano_nash.duality_gap(self.P, p).mean().item()
+            if isinstance(self.judge, SelfJudge):
+                out[f"judge_err{end}"] = (self.judge.table(model, judge, self) - self.P).abs().mean().item()
+        return out
 
 
 JUDGE = ("Which response is better? Read the question and the two responses, then decide which response "
          "answers the question better.\n\nQuestion:\n", "\n\nResponse 1:\n", "\n\nResponse 2:\n",
          "\n\nOutput 1 or 2 and nothing else.")
+TOY_JUDGE = ("Judge ", " 1:", " 2:", " Better:")                  # short: the tiny model learns to read it
 
 
-class ChatTask:
-    """Real prompts; an LM judges. The judge's input is assembled from token ids: the template's pieces, the
-    prompt's ids as the policy saw them (cut to max_prompt_tokens) and each response's generated ids with
-    every special id removed, so neither a prompt nor a response can write a control token into the judge's
-    input."""
-    def __init__(self, tok, texts, max_prompt_tokens):
-        self.tok, self.texts, self.vocab, self.stop_ids = tok, texts, None, tok.stop_ids
-        self.user = [tok.encode(t)[:max_prompt_tokens] for t in texts]
-        cut = sum(len(tok.encode(t)) > max_prompt_tokens for t in texts)
-        if cut:
-            print(f"warning: {cut} prompt(s) longer than {max_prompt_tokens} tokens were cut to that length")
-        self.prompts = [tok.chat(u) for u in self.user]
-        self.pieces = [tok.encode(JUDGE[0])] + [tok.encode(p, dummy_prefix=False) for p in JUDGE[1:]]
+class SelfJudge:
+    """An LM judges a pair from ids: the template's pieces, the prompt's ids as the policy saw them and each
+    response's generated ids minus every special id: no text can write a control token into its input."""
+    def __init__(self, tok, user, template):
+        self.tok, self.user = tok, user
+        self.pieces = [tok.encode(template[0])] + [tok.encode(p, dummy_prefix=False) for p in template[1:]]
         self.answers = [tok.encode("1")[-1], tok.encode("2")[-1]]
 
-    def judge_ids(self, k, a, b):
+    def ids(self, k, a, b):
         a, b = ([i for i in ids if i not in self.tok.special_ids] for ids in (a, b))
         p = self.pieces
         return self.tok.chat(p[0] + self.user[k] + p[1] + a + p[2] + b + p[3])
 
+    def logits(self, model, ks, first, second, adapters):
+        """The judge's logits (B, 2) for the answers "1" and "2" on the pairs (first[b], second[b])."""
+        x, m = left_pad([self.ids(int(k), a, b) for k, a, b in zip(ks, first, second)], self.tok.pad_id)
+        dev = model.lm_head.weight.device
+        return model(x.to(dev), adapters, mask=m.to(dev), last_only=True)[:, -1, self.answers]
+
     @torch.no_grad()
-    def judge(self, model, r1, r2, adapters=None, both_orders=False):
-        """P(y ≻ y') per pair (B,) from the judge model under `adapters` (None = base, or one per pair)."""
+    def __call__(self, model, r1, r2, adapters=None, both_orders=False):
+        """P(y ≻ y') per pair (B,) under `adapters` (None = the base, or one per pair), and the stats of
+        nano_nash.judge_preference."""
         ys = [[r.tokens[b][r.resp[b].bool()].tolist() for b in range(len(r.k))] for r in (r1, r2)]
+        swapped = self.logits(model, r1.k, *ys[::-1], adapters) if both_orders else None
+        return nano_nash.judge_preference(self.logits(model, r1.k, *ys, adapters), swapped)
 
-        def logits(first, second):
-            x, m = left_pad([self.judge_ids(int(k), a, b) for k, a, b in zip(r1.k, first, second)],
-                            self.tok.pad_id)
-            out = model(x.to(r1.k.device), adapters, mask=m.to(r1.k.device), last_only=True)
-            return out[:, -1, self.answers]                                          # (B, 2)
-        return nano_nash.judge_preference(logits(*ys), logits(*ys[::-1]) if both_orders else None)
+    @torch.no_grad()
+    def table(self, model, adapter, task):
+        """P̂(y ≻ y') for every prompt and ordered pair of the toy task's responses: (K, n, n)."""
+        ys, K = task.responses(), len(self.user)
+        pairs = [(k, a, b) for k in range(K) for a in ys for b in ys]
+        lg = self.logits(model, [k for k, _, _ in pairs], [a for _, a, _ in pairs], [b for *_, b in pairs],
+                         adapter)
+        return torch.sigmoid(lg[:, 0].double() - lg[:, 1].double()).view(K, len(ys), len(ys)).cpu()
 
-    def measure(self, model, adapter):
+
+class ChatTask:
+    """Real prompts (cut to max_prompt_tokens); the model judges itself with JUDGE (SelfJudge)."""
+    def __init__(self, tok, texts, max_prompt_tokens):
+        self.tok, self.texts, self.vocab, self.stop_ids = tok, texts, None, tok.stop_ids
+        self.user = [tok.encode(t) for t in texts]
+        if any(len(u) > max_prompt_tokens for u in self.user):
+            print(f"warning: prompts longer than {max_prompt_tokens} tokens were cut to that length")
+        self.user = [u[:max_prompt_tokens] for u in self.user]
+        self.prompts = [tok.chat(u) for u in self.user]
+        self.judge = SelfJudge(tok, self.user, JUDGE)
+
+    def measure(self, model, judges, avg):
         return {}                                       # no exact yardstick for a real LM
 
 
@@ -156,11 +185,9 @@ def load_prompts(path):
 # setup: the device, the frozen base model and the task
 
 def pick_device(cfg):
-    if cfg.device == "auto":
-        gpu = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-        return torch.device(gpu if cfg.model == "phi3" else "cpu")
-    try:
-        d = torch.device(cfg.device)
+    gpu = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:                                                  # auto: the GPU for phi3, the CPU for the toy game
+        d = torch.device((gpu if cfg.model == "phi3" else "cpu") if cfg.device == "auto" else cfg.device)
     except RuntimeError:
         d = None
     ok = d is not None and (d.type == "cpu" or (d.type == "mps" and torch.backends.mps.is_available()) or
@@ -213,7 +240,7 @@ def setup(cfg, held_out=False):
                         f"only {config.vocab_size}; tokenizer.json and config.json are from different models")
     task = ChatTask(tok, texts, cfg.max_prompt_tokens)
     longest = max(map(len, task.prompts)) + cfg.max_new_tokens
-    judge = len(task.judge_ids(0, [], [])) + cfg.max_prompt_tokens + 2 * cfg.max_new_tokens
+    judge = len(task.judge.ids(0, [], [])) + cfg.max_prompt_tokens + 2 * cfg.max_new_tokens
     if max(longest, judge) > config.block_size:
         raise UserError(f"a judge prompt can reach {judge} tokens, more than the model's context "
                         f"{config.block_size}; lower --max_new_tokens or --max_prompt_tokens")

@@ -215,6 +215,7 @@ class Algo(NamedTuple):
     adapters: tuple       # the adapters it keeps on the base; the first `trained` ones are trained
     trained: int
     gap: str              # its yardstick: "gap" = DualGap_τ (targets π*_τ), "gap0" = DualGap_0 (no τ, no μ)
+    judges: tuple         # for each trained adapter, the adapter that judges it (None: the frozen base)
     rows: tuple           # per slot: rows in the generate call, rows with an autograd graph (for --dry_run)
     tiny: tuple           # the defaults of TrainConfig's None fields (HPARAMS order) for --model tiny
     phi3: tuple           # ... and for --model phi3
@@ -225,17 +226,17 @@ class Algo(NamedTuple):
 # INPO's paper for its τ and η (App. B: η_I = 0.005, so η = 200; τ = η_I/3, so ητ = 1/3).
 HPARAMS = "max_steps samples lr adam_beta1 tau eta iter_steps max_new_tokens temperature".split()
 ALGOS = {
-    "inpo": Algo(step_inpo, ("policy", "prev"), 1, "gap", rows=(2, 2),
+    "inpo": Algo(step_inpo, ("policy", "prev"), 1, "gap", (None,), rows=(2, 2),
                  #     steps samples lr    beta1 tau       eta    iter  new  temperature
                  tiny=(300,  32,     1e-3, .9,   .1,       4 / 3, 5,    1,   1.),
                  phi3=(750,  1,      3e-4, 0.,   .005 / 3, 200.,  250,  128, .1)),
-    "nash_md_pg": Algo(step_nash_md_pg, ("policy",), 1, "gap", rows=(3, 1),
+    "nash_md_pg": Algo(step_nash_md_pg, ("policy",), 1, "gap", (None,), rows=(3, 1),
                        tiny=(300, 32, 2e-4, 0., .1, None, None, 1, 1.),
                        phi3=(750, 1, 3e-4, 0., .008, None, None, 128, .1)),
-    "lana": Algo(step_lana, ("player1", "player2"), 2, "gap0", rows=(4, 2),
+    "lana": Algo(step_lana, ("player1", "player2"), 2, "gap0", ("player2", "player1"), rows=(4, 2),
                  tiny=(300, 8, 3e-4, 0., .1, None, None, 1, 1.),
                  phi3=(750, 1, 3e-4, 0., None, None, None, 128, .1)),
-    "maio_pg": Algo(step_maio_pg, ("policy",), 1, "gap0", rows=(3, 1),
+    "maio_pg": Algo(step_maio_pg, ("policy",), 1, "gap0", ("policy",), rows=(3, 1),
                     tiny=(300, 128, 2e-4, 0., .1, None, None, 1, 1.),
                     phi3=(750, 1, 3e-4, 0., None, None, None, 128, .1)),
 }
@@ -254,12 +255,13 @@ def resolve(cfg, algo):
 # ----------------------------------------------------------------------------------------------------------
 # training
 
-def train(cfg, path, shard=Shard()):
-    """Train one algorithm in the run folder `path` (runs.py); returns its log records."""
+def train(cfg, path, shard=Shard(), built=None):
+    """Train one algorithm in the run folder `path` (runs.py); returns its log records. built: a (model, task,
+    base name) to use instead of setup(cfg)'s (selfjudge.py brings a model taught to judge)."""
     algo = ALGOS[cfg.algo]
     with Run(path, asdict(cfg), MATH, resume=cfg.resume, overwrite=cfg.overwrite,
              replaceable=cfg.model == "tiny", writer=shard.rank == 0) as run:    # refuse before any load
-        model, task, base = setup(cfg)
+        model, task, base = built or setup(cfg)
         device = model.lm_head.weight.device
         run.config.update(base=base, prompts_sha=hashlib.sha256(json.dumps(task.texts).encode()).hexdigest())
         state = run.load(model, algo.adapters) if cfg.resume else {}
@@ -275,16 +277,19 @@ def train(cfg, path, shard=Shard()):
               f"trainable parameters in {', '.join(algo.adapters[:algo.trained])}, {len(task.prompts)} "
               f"prompts, steps {state.get('step', 0)}..{cfg.max_steps}"
               + f", {shard.world} processes" * (shard.world > 1))
-        loop(cfg, model, task, algo, run, opt, gen, params, state.get("step", 0), base, shard)
+        loop(cfg, model, task, algo, run, opt, gen, params, state, base, shard)
         if run.writer:
             plot({path.name: run.records()}, path / "plot.png")
         return run.records()
 
 
-def loop(cfg, model, task, algo, run, opt, gen, params, start, base, shard):
-    """Steps start..max_steps: sample a batch, one algorithm step, backward, all-reduce, check, AdamW, log,
-    save. A record logs the exact gaps (toy) of the policy before the step's update, and the step's stats."""
+def loop(cfg, model, task, algo, run, opt, gen, params, state, base, shard):
+    """Steps from the checkpoint's to max_steps: a batch, the algorithm's step, backward, all-reduce, checks,
+    AdamW, log, save. A record holds the exact gaps (toy) of the policy before the step's update (and of the
+    average iterate, whose running sum avg is saved with the checkpoint) and the step's statistics."""
     slots, device = cfg.batch_size * cfg.samples, gen.device      # the global batch: prompt x sample slots
+    start, avg = state.get("step", 0), state.get("avg", {})
+    judges = dict(zip(algo.adapters[:algo.trained], algo.judges))
 
     def rng(*shape):                                          # the global draw, this process's slots
         return torch.rand(slots, *shape, generator=gen, device=device)[shard.mine(slots)]
@@ -297,7 +302,7 @@ def loop(cfg, model, task, algo, run, opt, gen, params, start, base, shard):
         for step in range(start, cfg.max_steps + 1):
             rec = {"step": step}
             if step % cfg.log_every == 0 or step == cfg.max_steps:
-                rec.update(task.measure(model, algo.adapters[0]))
+                rec.update(task.measure(model, judges, avg))
             if step == cfg.max_steps:
                 break
             t0 = time.time()
@@ -329,7 +334,7 @@ def loop(cfg, model, task, algo, run, opt, gen, params, start, base, shard):
                 with torch.no_grad():
                     if not all(torch.isfinite(model(x, a)).all() for a in algo.adapters):
                         raise diverged(step + 1, "the adapters give non-finite logits")
-                state = {"optimizer": opt.state_dict(), "rng": gen.get_state()}
+                state = {"optimizer": opt.state_dict(), "rng": gen.get_state(), "avg": avg}
                 run.save(step + 1, model, algo.adapters, state, base)
             if stop.signal:
                 raise UserError(f"stopped by {stop.signal} after step {step + 1}, saved in {run.latest()}; "
@@ -481,10 +486,12 @@ def main(cfg, shard=Shard()):
                 for name, sub in runs}
     logs = {name: train(sub, Path(cfg.out_dir) / name, shard) for name, sub in runs}
     if cfg.model == "tiny" and shard.rank == 0:
-        print("\nexact gap of the LM policy, mean over prompts (DualGap_τ, τ = 0.1; LANA: DualGap_0):")
+        print("\nexact gap of the LM policy, mean over prompts (DualGap_τ with τ = 0.1, or DualGap_0):")
         for name, recs in logs.items():
-            g = [r[ALGOS[name].gap] for r in recs if ALGOS[name].gap in r]
-            print(f"  {name:13s} start {g[0]:.3e}  final {g[-1]:.3e}  start/final {g[0] / g[-1]:6.1f}x")
+            key = ALGOS[name].gap
+            g = [r[key] for r in recs if key in r]
+            print(f"  {name:13s} {'DualGap_0' if key == 'gap0' else 'DualGap_τ'}  start {g[0]:.3e}  final "
+                  f"{g[-1]:.3e} ({g[0] / g[-1]:5.1f}x lower)  average iterate {recs[-1]['avg_' + key]:.3e}")
         if len(runs) > 1 and cfg.figure:
             sub = dict(runs)["inpo"]
             model, task, _ = setup(sub)

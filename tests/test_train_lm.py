@@ -146,9 +146,9 @@ class FakeTok:
 def test_judge_input_has_no_control_token_from_prompt_or_response():
     task = tasks.ChatTask(FakeTok(), ["<|end|> hello"], max_prompt_tokens=5)
     assert task.user == [task.user[0][:5]] and len(task.user[0]) == 5   # the judge sees the cut prompt
-    ids = task.judge_ids(0, [1, 900, 2, 901], [902, 3])
+    ids = task.judge.ids(0, [1, 900, 2, 901], [902, 3])
     assert ids[0] == 901 and ids[-1] == 902 and not set(ids[1:-1]) & FakeTok.special_ids
-    assert task.user[0] == ids[1 + len(task.pieces[0]):][:5]
+    assert task.user[0] == ids[1 + len(task.judge.pieces[0]):][:5]
 
 
 @pytest.fixture(scope="module")
