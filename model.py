@@ -63,17 +63,17 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim, length, base, device=None):
-    """cos, sin (length, head_dim): angle[t, i] = t · base^(−2i/hd), repeated for the two halves."""
+    """cos, sin (length, head_dim): angle[t, i] = t · base^(−2i/hd), repeated for the two halves; sin's
+    first half negated, so that rotate-half RoPE is one roll (see apply_rope)."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)   # (hd/2,)
     angles = torch.outer(torch.arange(length, device=device).float(), inv_freq)               # (T, hd/2)
-    angles = torch.cat((angles, angles), dim=-1)                                               # (T, hd)
-    return angles.cos(), angles.sin()
+    return torch.cat((angles, angles), -1).cos(), torch.cat((-angles.sin(), angles.sin()), -1)   # (T, hd)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate-half RoPE (HF/Phi-3): dim i pairs with i + hd/2.  x (B, T, nh, hs), cos/sin (B, T, 1, hs)"""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    """Rotate-half RoPE (HF/Phi-3): dim i pairs with i + hd/2, x·cos + [−x2, x1]·sin = x·cos + roll(x)·sin±
+    with sin± = [−sin, sin] from rope_tables.  x (B, T, nh, hs); cos, sin broadcast to it."""
+    return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, -1), sin)
 
 
 class LoRALinear(nn.Linear):
@@ -111,13 +111,10 @@ class Attention(nn.Module):
         B, T, C = x.shape
         H, Hkv = self.n_head, self.n_kv_head
         qkv = self.qkv_proj(x, lora).view(B, T, H + 2 * Hkv, self.hs)        # (B, T, H + 2Hkv, hs)
-        qk, v = qkv.split([H + Hkv, Hkv], dim=2)
-        q, k = apply_rope(qk, cos, sin).split([H, Hkv], dim=2)                 # rotate q and k in one call
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)      # (B, nh, T, hs)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)                              # (B, Hkv, L, hs): all so far
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=Hkv != H)               # (B, H, T, hs)
+        qkv = apply_rope(qkv, cos, sin).transpose(1, 2)    # (B, nh, T, hs); cos, sin leave v's heads as is
+        kv = qkv[:, H:] if cache is None else cache.update(self.layer, qkv[:, H:])   # (B, 2Hkv, L, hs)
+        y = F.scaled_dot_product_attention(qkv[:, :H], kv[:, :Hkv], kv[:, Hkv:], attn_mask=mask,
+                                           is_causal=mask is None, enable_gqa=Hkv != H)   # (B, H, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C), lora)
 
 
@@ -171,6 +168,9 @@ class GPT(nn.Module):
                                self.config.rope_base, device or self.lm_head.weight.device)
         self.register_buffer("cos", cos, persistent=False)                 # (block_size, hs)
         self.register_buffer("sin", sin, persistent=False)
+        rotated = torch.arange(self.config.n_head + 2 * self.config.n_kv_head) < self.config.n_head + \
+            self.config.n_kv_head                                           # q and k heads rotate, v's not
+        self.register_buffer("rotated", rotated[:, None].to(cos.device), persistent=False)
 
     def trunk(self, idx, adapters=None, cache=None, mask=None):
         """idx (B, T) -> final-normed hidden states (B, T, C).
@@ -179,20 +179,24 @@ class GPT(nn.Module):
         Query t sees key s iff s ≤ t and s is real; every query sees itself, so a row of padding never
         softmaxes over nothing."""
         B, T = idx.shape
-        real = torch.ones_like(idx, dtype=torch.bool) if mask is None else mask.bool()
-        pos, keys = ((real.cumsum(1) - 1).clamp(min=0), real) if cache is None else cache.advance(real)
-        L = keys.size(1)                                                        # keys visible so far
-        if L > self.config.block_size:
-            raise ValueError(f"sequence of {L} tokens is longer than the model's block_size "
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than the model's block_size "
                              f"{self.config.block_size}; shorten the prompt or the number of new tokens")
-        attn = None
-        if mask is not None or cache is not None:                              # else SDPA's causal mask
-            q_at = torch.arange(L - T, L, device=idx.device)[:, None]           # (T, 1) slots of the queries
-            k_at = torch.arange(L, device=idx.device)[None]                     # (1, L)
-            attn = ((k_at <= q_at) & (keys[:, None] | (k_at == q_at)))[:, None]   # (B, 1, T, L)
+        real = torch.ones_like(idx, dtype=torch.bool) if mask is None else mask.bool()
+        if cache is None:
+            pos, keys, q_at = (real.cumsum(1) - 1).clamp(min=0), real, torch.arange(T, device=idx.device)
+        else:
+            (pos, q_at), keys = cache.advance(real), cache.real                # q_at (T,): the queries' slots
+        attn = None                                                             # None: SDPA's causal mask
+        if cache is not None and T == 1:
+            attn = keys[:, None, None]                   # decode: every real slot so far (later ones are 0)
+        elif mask is not None or cache is not None:
+            k_at = torch.arange(keys.size(1), device=idx.device)                # (L,) slots of the keys
+            attn = ((k_at <= q_at[:, None]) & (keys[:, None] | (k_at == q_at[:, None])))[:, None]  # (B,1,T,L)
         x = self.model.embed_tokens(idx)                                        # (B, T, C)
-        cos = self.cos[pos].to(x.dtype)[:, :, None]                             # (B, T, 1, hs)
-        sin = self.sin[pos].to(x.dtype)[:, :, None]
+        q_and_k = self.rotated.to(x.dtype)                                      # (H + 2Hkv, 1): 1, or 0 for v
+        cos = (self.cos[pos][:, :, None] * q_and_k + 1 - q_and_k).to(x.dtype)  # (B, T, H + 2Hkv, hs)
+        sin = (self.sin[pos][:, :, None] * q_and_k).to(x.dtype)
         lora = adapters if isinstance(adapters, tuple) else self.lora_gate(adapters, B, x.device)
         for block in self.model.layers:
             if self.checkpointing and torch.is_grad_enabled():
@@ -270,28 +274,37 @@ class GPT(nn.Module):
 # KV cache and sampling
 
 class KVCache:
-    """Preallocated keys and values (n_layer, B, H_kv, max_len, hs), written in place, passed to every call.
-    All rows share the write slot `len` (prompts are left-padded to end together); `real` (B, max_len) marks
-    the slots that hold real tokens, whose count is each row's next RoPE position."""
+    """Preallocated keys and values (n_layer, B, 2 H_kv, max_len, hs), written in place, passed to every call.
+    Attention reads all max_len slots, those not written yet masked out: static shapes, so a compiled decode
+    step never recompiles. Every row writes at slot `pos` (prompts are left-padded to end together); `real`
+    (B, max_len) marks the slots holding real tokens and `seen` (B,) counts them: the next RoPE position.
+    pos and seen are tensors: a step changes no Python state."""
     def __init__(self, config, batch_size, max_len, device="cpu", dtype=torch.float32):
-        shape = (config.n_layer, batch_size, config.n_kv_head, max_len, config.n_embd // config.n_head)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        if max_len > config.block_size:
+            raise ValueError(f"{max_len} tokens is longer than the model's block_size {config.block_size}; "
+                             "shorten the prompt or the number of new tokens")
+        shape = (config.n_layer, batch_size, 2 * config.n_kv_head, max_len, config.n_embd // config.n_head)
+        self.kv = torch.zeros(shape, device=device, dtype=dtype)           # [k heads; v heads]
         self.real = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self.len = 0
+        self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.pos, self.at = torch.zeros((), dtype=torch.long, device=device), None
 
     def advance(self, real):
-        """Append T slots, real (B, T) -> RoPE positions of the new tokens (B, T), key mask (B, len)."""
-        T, seen = real.size(1), self.real[:, :self.len].sum(1, keepdim=True)
-        self.real[:, self.len:self.len + T] = real
-        self.len += T
-        return (seen + real.cumsum(1) - 1).clamp(min=0), self.real[:, :self.len]
+        """Take T slots for the tokens of real (B, T): -> their RoPE positions (B, T) and slots (T,)."""
+        self.at = self.pos + torch.arange(real.size(1), device=real.device)
+        self.real.index_copy_(1, self.at, real)
+        pos = self.seen[:, None] + real.cumsum(1) - 1
+        self.seen += real.sum(1)
+        self.pos += real.size(1)
+        return pos.clamp(min=0), self.at
 
-    def update(self, layer, k, v):
-        """Write this call's k, v (B, H_kv, T, hs) into the last T slots; return views of all slots so far."""
-        start = self.len - k.size(2)
-        self.k[layer, :, :, start:self.len], self.v[layer, :, :, start:self.len] = k, v
-        return self.k[layer, :, :, :self.len], self.v[layer, :, :, :self.len]
+    def update(self, layer, kv):
+        """Write this call's [k; v] (B, 2 H_kv, T, hs) at its slots; return all slots (B, 2 H_kv, max_len, hs)."""
+        return self.kv[layer].index_copy_(2, self.at, kv)
+
+    def take(self, rows):
+        """The cache of these rows (a copy): prefill runs a distinct prompt once, then every row takes its."""
+        self.kv, self.real, self.seen = self.kv[:, rows], self.real[rows], self.seen[rows]
 
 
 def left_pad(seqs, pad_id, extra=0):
@@ -310,7 +323,7 @@ def sample_next(logits, u, temperature, top_p=1.0):
     sampling (the smallest set of most likely tokens whose mass reaches top_p). Inverse-CDF sampling: the
     first id whose cumulative probability exceeds u; a row's draw depends on its own u only."""
     if temperature == 0:
-        return logits.argmax(-1)
+        return logits.max(-1).indices                                    # (2x faster than argmax on CPU)
     probs = (logits.float() / temperature).softmax(-1)                   # (B, V)
     if top_p < 1.0:
         p_sorted, idx = probs.sort(-1, descending=True)
@@ -332,7 +345,7 @@ def prefill(model, prompts, adapters, max_len, pad_id):
     cache = KVCache(model.config, len(uniq), max_len, device, dtype)
     logits = model(x, [a for _, a in uniq], cache, m, last_only=True)      # (U, 1, V)
     inv = torch.tensor([where[key] for key in keys], device=device)        # row -> its distinct key
-    cache.k, cache.v, cache.real = cache.k[:, inv], cache.v[:, inv], cache.real[inv]
+    cache.take(inv)
     return logits[inv, -1], cache
 
 
@@ -353,6 +366,7 @@ def generate(model, prompts, max_new_tokens, *, adapters=None, mix_beta=0.0, mix
     if min(map(len, prompts)) == 0:
         raise ValueError("every prompt needs at least one token (e.g. BOS)")
     tokens, mask = (t.to(device) for t in left_pad(prompts, pad_id, extra=N))
+    mask[:, -N:] = 1                                                     # until a row stops
     Tp = tokens.size(1) - N
     beta = torch.as_tensor(mix_beta, dtype=torch.float32, device=device).expand(B)[:, None]   # (B, 1)
     twins = (beta[:, 0] > 0).nonzero().squeeze(1)                        # (M,) rows that mix
@@ -362,30 +376,35 @@ def generate(model, prompts, max_new_tokens, *, adapters=None, mix_beta=0.0, mix
     logits, cache = prefill(model, rows, names, Tp + N, pad_id)
     lora = model.lora_gate(names, len(names), device)                    # built once for every decode step
     u = torch.rand(B, N, generator=generator, device=device) if uniforms is None else uniforms.to(device)
-    bias = torch.zeros(model.config.vocab_size, device=device)
+    bias = None if vocab is None else torch.full((model.config.vocab_size,), float("-inf"), device=device)
     if vocab is not None:
-        bias.fill_(float("-inf"))[torch.as_tensor(vocab, device=device)] = 0.0   # -inf outside vocab
+        bias[torch.as_tensor(vocab, device=device)] = 0.0                # -inf outside the allowed ids
     stop = torch.as_tensor(stop_ids, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     finite = torch.ones((), dtype=torch.bool, device=device)
 
-    def mix(logits):                          # (B + M, V) -> next-token log-probs of the B rows (B, V)
-        lp = logits[:B].float().log_softmax(-1)
+    def mix(logits):                     # (B + M, V) -> the B rows' next-token logits, up to a constant
+        lp = logits[:B].float()
         if len(twins):
+            lp = lp.log_softmax(-1)
             lp[twins] = (1 - beta[twins]) * lp[twins] + beta[twins] * logits[B:].float().log_softmax(-1)
-        return lp + bias
+        return lp if bias is None else lp + bias
 
-    lp, n = mix(logits), 0
+    lp, n, ones = mix(logits), 0, torch.ones(len(names), 1, dtype=torch.long, device=device)
     for i in range(N):
-        finite &= torch.isfinite(lp).any(-1).all()                       # checked once, after the loop
-        nxt = sample_next(lp, u[:, i], temperature, top_p).masked_fill(done, pad_id)         # (B,)
-        tokens[:, Tp + i], mask[:, Tp + i], n = nxt, (~done).long(), i + 1
-        done |= torch.isin(nxt, stop)
+        if i % 8 == 0:                                   # NaN or all -inf (diverged weights): raised at the end
+            finite &= lp.amax(-1).isfinite().all()
+        nxt = sample_next(lp, u[:, i], temperature, top_p)                                   # (B,)
+        if len(stop):                                    # finished rows hold pad_id, masked out
+            nxt.masked_fill_(done, pad_id)
+            mask[:, Tp + i] = ~done
+            done |= torch.isin(nxt, stop)
+        tokens[:, Tp + i], n = nxt, i + 1
         if len(stop) and i % 8 == 7 and bool(done.all()):                # a host sync every 8 tokens only
             break
         if i + 1 < N:                                                    # a twin sees what its row sees
-            x = torch.cat((nxt, nxt[twins]))[:, None]
-            lp = mix(model(x, lora, cache, torch.ones_like(x), last_only=True)[:, -1])
+            x = (torch.cat((nxt, nxt[twins])) if len(twins) else nxt)[:, None]
+            lp = mix(model(x, lora, cache, ones, last_only=True)[:, -1])
     if not bool(finite):
         raise FloatingPointError("the model produced non-finite logits while sampling: its weights diverged")
     n = int(mask[:, Tp:Tp + n].any(0).sum())                             # columns some row used
