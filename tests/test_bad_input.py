@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 import runs
 import tasks
 import train_lm as T
-from test_train_lm import ENV, ROOT, phi3_dir  # noqa: F401 (a fixture, shared)
+from test_train_lm import ENV, ROOT
 
 ONE_LINE = (T.UserError, T.CheckpointError)        # what train_lm.py's __main__ prints as "error: <one line>"
 

@@ -16,7 +16,7 @@ import torch
 import runs
 import train_lm as T
 import weights
-from test_train_lm import ENV, ROOT, adapters, cli, phi3_dir, toy  # noqa: F401 (phi3_dir: a fixture, shared)
+from test_train_lm import ENV, ROOT, adapters, cli, toy
 
 FAST = dict(algo="inpo", samples=2, save_every=1, log_every=1)
 

@@ -3,7 +3,6 @@ run with the last checkpoint intact, the judge reads token ids, and the Phi-3 pa
 Phi-3 checkpoint with the real tokenizer (transformers builds it; skipped when the asset is absent)."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,11 +62,13 @@ def test_sequence_logprob_of_a_sample_is_its_table_entry():
     assert torch.allclose(got, task.policy(model, None)[k, task.actions(r)], atol=1e-6)
 
 
-@pytest.mark.parametrize("algo", ["inpo", "nash_md_pg"])
+@pytest.mark.parametrize("algo", ["inpo", "nash_md_pg", "maio_pg"])
 def test_toy_convergence(tmp_path, algo):
-    """Shortened default run: the exact duality gap falls at least 3x (the full run: 10x, see the README)."""
+    """Shortened default run: the exact gap of the algorithm's yardstick (DualGap_τ for INPO and Nash-MD-PG,
+    DualGap_0 for MAIO-PG) falls at least 3x (the full run: 10x and 5x, see the README)."""
     recs = T.main(toy(tmp_path, algo=algo, max_steps=150))[algo]
-    gaps = [r["gap"] for r in recs if "gap" in r]
+    key = T.ALGOS[algo].gap
+    gaps = [r[key] for r in recs if key in r]
     assert gaps[-1] < gaps[0] / 3, gaps
     log = [json.loads(line) for line in (tmp_path / algo / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(0, 150, 5)) + [149, 150]
@@ -77,10 +78,11 @@ def test_toy_convergence(tmp_path, algo):
 # ----------------------------------------------------------------------------------------------------------
 # checkpoints, resume, divergence
 
-@pytest.mark.parametrize("algo", ["inpo", "nash_md_pg", "lana"])
+@pytest.mark.parametrize("algo", ["inpo", "nash_md_pg", "lana", "maio_pg"])
 def test_resume_is_bit_exact(tmp_path, monkeypatch, algo):
-    """Interrupted at step 4 (checkpoint at 3) and resumed == straight through, every adapter torch.equal; the
-    log holds every step once."""
+    """Interrupted at step 4 (checkpoint at 3) and resumed == straight through: every adapter torch.equal, the
+    log holds every step once, and its exact gaps, of the last and of the average iterate (whose running sum
+    travels in the checkpoint), are those of the straight run."""
     kw = dict(algo=algo, max_steps=6, samples=2, save_every=3, iter_steps=2, log_every=1)
     T.main(toy(tmp_path / "straight", **kw))
     step = T.ALGOS[algo].step
@@ -98,8 +100,11 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch, algo):
     b = adapters(tmp_path / "resumed" / algo / "ckpt_000006")
     assert a.keys() == b.keys() == set(T.ALGOS[algo].adapters)
     assert all(torch.equal(a[n][key], b[n][key]) for n in a for key in a[n])
-    steps = [json.loads(x)["step"] for x in (tmp_path / "resumed" / algo / "log.jsonl").read_text().splitlines()]
-    assert steps == [0, 1, 2, 3, 4, 5, 6]                                # steps 3, 4 of the first try cut away
+    logs = [[json.loads(x) for x in (tmp_path / run / algo / "log.jsonl").read_text().splitlines()]
+            for run in ("straight", "resumed")]
+    assert [r["step"] for r in logs[1]] == [0, 1, 2, 3, 4, 5, 6]         # steps 3, 4 of the first try cut away
+    for r1, r2 in zip(*logs):
+        assert {k: v for k, v in r1.items() if "gap" in k} == {k: v for k, v in r2.items() if "gap" in k}
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
@@ -151,23 +156,6 @@ def test_judge_input_has_no_control_token_from_prompt_or_response():
     assert task.user[0] == ids[1 + len(task.judge.pieces[0]):][:5]
 
 
-@pytest.fixture(scope="module")
-def phi3_dir(tmp_path_factory):
-    """A random Phi-3 with the real vocabulary (32064) and tokenizer.json, but hidden size 64 and 2 layers."""
-    tok = ASSETS / "phi3-tokenizer" / "tokenizer.json"
-    if not tok.is_file():
-        pytest.skip("../shared/assets/phi3-tokenizer/tokenizer.json not available")
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.Phi3Config(vocab_size=32064, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
-                                     pad_token_id=32000, tie_word_embeddings=False)
-    folder = tmp_path_factory.mktemp("phi3_tiny")
-    transformers.Phi3ForCausalLM(config).save_pretrained(folder)
-    shutil.copy(tok, folder / "tokenizer.json")
-    return folder
-
-
 def test_phi3_judge_sees_no_injected_control_tokens(phi3_dir, monkeypatch):
     """A prompt that spells chat structure, and a response made of ordinary tokens that spell "<|end|>", reach
     the judge's forward pass as plain text: its input holds only the template's control tokens."""
@@ -197,7 +185,7 @@ def test_phi3_judge_sees_no_injected_control_tokens(phi3_dir, monkeypatch):
 PHI3 = ["--model", "phi3", "--max_new_tokens", 6, "--batch_size", 2]
 
 
-@pytest.mark.parametrize("algo", ["lana", "inpo", "nash_md_pg"])
+@pytest.mark.parametrize("algo", ["lana", "inpo", "nash_md_pg", "maio_pg"])
 def test_phi3_end_to_end(phi3_dir, tmp_path, algo):
     extra = ["--judge_both_orders"] if algo == "lana" else []
     rc, out, err = cli(*PHI3, "--weights", phi3_dir, "--algo", algo, "--max_steps", 2, "--out_dir", tmp_path, *extra)
