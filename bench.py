@@ -294,16 +294,19 @@ def bench_memory(cfg, pair=None):
                                                  max_new_tokens=128, lora_rank=16), "lana")
     ours, (base, lora) = train_lm.memory(c, tcfg, nbytes), param_counts(c, tcfg.lora_rank)
     naive = dict(base=3 * base * nbytes, adapters=algo.trained * base * (nbytes + 12),
-                 kv_cache=ours["kv_cache"], activations=ours["activations"])
-    naive["total"] = naive["base"] + naive["adapters"] + max(naive["kv_cache"], naive["activations"])
+                 kv_cache=ours["kv_cache"], scoring=ours["scoring"], activations=ours["activations"])
+    naive["total"] = naive["base"] + naive["adapters"] + max(naive["kv_cache"], naive["scoring"],
+                                                             naive["activations"])
     want = dict(base=base * nbytes, adapters=4 * lora * len(algo.adapters) + 12 * lora * algo.trained)
     off = "".join(f"; train_lm.memory's {k} {ours[k] / 1e9:.3f} GB != {v / 1e9:.3f} GB from param_counts"
                   for k, v in want.items() if ours[k] != v)
-    gb = "{base:.2f} + {adapters:.2f} + max({kv_cache:.2f}, {activations:.2f}) = {total:.2f}".format
+    gb = "{base:.2f} + {adapters:.2f} + max({kv_cache:.2f}, {scoring:.2f}, {activations:.2f}) = {total:.2f}"
+    gb = gb.format
     ours_gb, naive_gb = (gb(**{k: v / 1e9 for k, v in d.items()}) for d in (ours, naive))
     notes = (f"Phi-3-mini ({base / 1e9:.2f}B parameters, {lora / 1e6:.1f}M per adapter, r 16), bf16, LANA, "
-             f"batch 4, 256 + 128 tokens; GB = weights + trained state + max(KV cache, activations): ours "
-             f"{ours_gb}, naive {naive_gb} ({algo.trained} of 3 full copies fine-tuned, mixed-precision "
+             "batch 4, 256 + 128 tokens; GB = weights + trained state + max(KV cache, scoring, "
+             f"activations): ours {ours_gb}, naive {naive_gb} ({algo.trained} of 3 full copies fine-tuned, "
+             "mixed-precision "
              f"AdamW: 2 + 12 bytes per parameter); param_counts = model.py's count on the tiny config{off}")
     return [result("memory of a LANA step, Phi-3-mini (B=4, 256+128 tokens)", ours["total"] / 1e9,
                    naive["total"] / 1e9, "GB", higher_is_better=False, notes=notes)]

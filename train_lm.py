@@ -63,6 +63,8 @@ class TrainConfig:
     cosine: bool = True            # cosine learning-rate decay to 0 at max_steps
     max_prompt_tokens: int = 256   # longer prompts are cut (with a warning)
     judge_both_orders: bool = False  # self-judge: average both presentation orders, log their disagreement
+    grad_checkpoint: bool = False  # recompute each block in backward: activation memory / ~n_layer
+    micro_batches: int = 1         # split each step's slots into chunks whose gradients add up
     label_noise: float = 0.0       # tiny: the judge's answer flips with probability ε
     save_every: int = 50
     log_every: int = 10
@@ -86,8 +88,8 @@ def parse_args(argv=None):
 
 
 CHECKS = [  # (flags, what must hold, what it must be): every flag is checked here, before anything is loaded
-    ("batch_size samples max_new_tokens lora_rank save_every log_every max_prompt_tokens iter_steps".split(),
-     lambda v: v >= 1, "a positive integer"),
+    ("batch_size samples max_new_tokens lora_rank save_every log_every max_prompt_tokens iter_steps "
+     "micro_batches".split(), lambda v: v >= 1, "a positive integer"),
     (["max_steps"], lambda v: 0 <= v < 10**9, "an integer >= 0"),
     (["lr", "tau", "eta", "temperature"], lambda v: 0 < v < math.inf, "a finite number > 0"),
     (["adam_beta1", "mix_beta"], lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -160,9 +162,9 @@ def step_inpo(model, task, cfg, k, rng, step):
     pref, st = task.judge(model, *halves(r), None, cfg.judge_both_orders)
     w, l = duel(pref, rng())
     pair, S = r.take(torch.cat([w, l])), len(k)                   # rows [y_w; y_l]
-    lp = score(model, task, pair, "policy", grad=True)
     lp_prev, lp_ref = score(model, task, pair.take(torch.arange(4 * S) % (2 * S)),
                             ["prev"] * 2 * S + [None] * 2 * S).split(2 * S)      # one forward for π_t and μ
+    lp = score(model, task, pair, "policy", grad=True)            # (after: no graph is held meanwhile)
     loss, s = nano_nash.inpo_loss(*lp.split(S), *lp_prev.split(S), *lp_ref.split(S), eta=cfg.eta, tau=cfg.tau)
     return loss, {**st, **s, "win": pref.mean(), "kl": (lp - lp_ref).mean().detach(), "ntok": r.resp.sum()}
 
@@ -173,7 +175,7 @@ def step_nash_md_pg(model, task, cfg, k, rng, step):
     r = sample(model, task, cfg, k, "policy", rng(2, cfg.max_new_tokens), [0.0] * S + [cfg.mix_beta] * S)
     y, y2 = halves(r)
     pref, st = task.judge(model, y, y2, None, cfg.judge_both_orders)
-    lp, lp_ref = score(model, task, y, "policy", grad=True), score(model, task, y, None)
+    lp_ref, lp = score(model, task, y, None), score(model, task, y, "policy", grad=True)
     loss, s = nano_nash.pg_loss(lp, pref, lp_ref, tau=cfg.tau)
     return loss, {**st, **s, "win": pref.mean(), "ntok": r.resp.sum()}
 
@@ -187,8 +189,8 @@ def step_lana(model, task, cfg, k, rng, step, printed_sign=False):
     r = sample(model, task, cfg, k, me + me, rng(2, 2, cfg.max_new_tokens).flatten(1, 2))      # 4 rows/slot
     pref, st = task.judge(model, *halves(r), opp, cfg.judge_both_orders)
     w, l = duel(pref, rng(2).T.flatten())
-    lp_l = score(model, task, r.take(l), me, grad=True)           # each loser under its own player
     lp_w = score(model, task, r.take(w), opp)                      # each winner under the opponent
+    lp_l = score(model, task, r.take(l), me, grad=True)           # each loser under its own player
     loss, s = nano_nash.lana_loss(lp_l, lp_w, printed_sign=printed_sign)
     return loss, {**st, **s, "win": pref.mean(), "ntok": r.resp.sum()}
 
@@ -216,7 +218,7 @@ class Algo(NamedTuple):
     trained: int
     gap: str              # its yardstick: "gap" = DualGap_τ (targets π*_τ), "gap0" = DualGap_0 (no τ, no μ)
     judges: tuple         # for each trained adapter, the adapter that judges it (None: the frozen base)
-    rows: tuple           # per slot: rows in the generate call, rows with an autograd graph (for --dry_run)
+    rows: tuple           # per slot: rows generated, scored with a graph, scored without (for --dry_run)
     tiny: tuple           # the defaults of TrainConfig's None fields (HPARAMS order) for --model tiny
     phi3: tuple           # ... and for --model phi3
 
@@ -226,17 +228,17 @@ class Algo(NamedTuple):
 # INPO's paper for its τ and η (App. B: η_I = 0.005, so η = 200; τ = η_I/3, so ητ = 1/3).
 HPARAMS = "max_steps samples lr adam_beta1 tau eta iter_steps max_new_tokens temperature".split()
 ALGOS = {
-    "inpo": Algo(step_inpo, ("policy", "prev"), 1, "gap", (None,), rows=(2, 2),
+    "inpo": Algo(step_inpo, ("policy", "prev"), 1, "gap", (None,), rows=(2, 2, 4),
                  #     steps samples lr    beta1 tau       eta    iter  new  temperature
                  tiny=(300,  32,     1e-3, .9,   .1,       4 / 3, 5,    1,   1.),
                  phi3=(750,  1,      3e-4, 0.,   .005 / 3, 200.,  250,  128, .1)),
-    "nash_md_pg": Algo(step_nash_md_pg, ("policy",), 1, "gap", (None,), rows=(3, 1),
+    "nash_md_pg": Algo(step_nash_md_pg, ("policy",), 1, "gap", (None,), rows=(3, 1, 1),
                        tiny=(300, 32, 2e-4, 0., .1, None, None, 1, 1.),
                        phi3=(750, 1, 3e-4, 0., .008, None, None, 128, .1)),
-    "lana": Algo(step_lana, ("player1", "player2"), 2, "gap0", ("player2", "player1"), rows=(4, 2),
+    "lana": Algo(step_lana, ("player1", "player2"), 2, "gap0", ("player2", "player1"), rows=(4, 2, 2),
                  tiny=(300, 8, 3e-4, 0., .1, None, None, 1, 1.),
                  phi3=(750, 1, 3e-4, 0., None, None, None, 128, .1)),
-    "maio_pg": Algo(step_maio_pg, ("policy",), 1, "gap0", ("policy",), rows=(3, 1),
+    "maio_pg": Algo(step_maio_pg, ("policy",), 1, "gap0", ("policy",), rows=(3, 1, 0),
                     tiny=(300, 128, 2e-4, 0., .1, None, None, 1, 1.),
                     phi3=(750, 1, 3e-4, 0., None, None, None, 128, .1)),
 }
@@ -309,13 +311,12 @@ def loop(cfg, model, task, algo, run, opt, gen, params, state, base, shard):
             perm = torch.cat([torch.randperm(len(task.prompts), generator=gen, device=device)
                               for _ in range(-(-cfg.batch_size // len(task.prompts)))])
             k = perm[:cfg.batch_size].repeat_interleave(cfg.samples)[shard.mine(slots)]
+            opt.zero_grad(set_to_none=True)
             try:
-                loss, st = algo.step(model, task, cfg, k, rng, step)
+                loss, st = forward_backward(cfg, model, task, algo, k, rng, step)
             except FloatingPointError:
                 raise diverged(step, "the model's logits are not finite") from None
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            vals = all_reduce(params, [loss.detach(), *st.values()], shard)
+            vals = all_reduce(params, [loss, *st.values()], shard)
             gnorm = torch.nn.utils.clip_grad_norm_(params, math.inf)
             if not (torch.isfinite(vals[0]) and torch.isfinite(gnorm)):
                 raise diverged(step, "the loss or its gradient is not finite")
@@ -341,6 +342,29 @@ def loop(cfg, model, task, algo, run, opt, gen, params, state, base, shard):
                                 "continue with the same command and --resume")
     run.log(rec)
     run.finish()
+
+
+def forward_backward(cfg, model, task, algo, k, rng, step):
+    """The algorithm's step on the slots k and its backward, in cfg.micro_batches chunks whose gradients add
+    up (each chunk's loss weighted by its share of the slots): the gradient of one big step, a fraction of its
+    activation memory. Each chunk takes its slots of the same global draws: the samples do not depend on the
+    number of chunks. Returns the loss and the statistics (means over the slots; ntok a sum)."""
+    draws, loss, stats = [], 0.0, {}
+    model.checkpointing = cfg.grad_checkpoint
+    for c in torch.arange(len(k), device=k.device).tensor_split(cfg.micro_batches):
+        calls = iter(range(1 << 30))
+
+        def chunk_rng(*shape):                                # the i-th draw of the step, this chunk's slots
+            i = next(calls)
+            if i == len(draws):
+                draws.append(rng(*shape))
+            return draws[i][c]
+        part, st = algo.step(model, task, cfg, k[c], chunk_rng, step)
+        (part * len(c) / len(k)).backward()
+        loss = loss + part.detach() * len(c) / len(k)
+        for key, v in st.items():
+            stats[key] = stats.get(key, 0.0) + (v if key == "ntok" else v * len(c) / len(k))
+    return loss, stats
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -391,37 +415,50 @@ def evaluate(cfg, path):
 # --dry_run: the memory of one step, from the config alone
 
 def memory(c, cfg, dtype_bytes=2):
-    """Bytes of one step (GB = 1e9). B = batch·samples slots, T = prompt + new tokens, N = new tokens,
-    R = the rank of all of the algorithm's adapters together (they run in one LoRA matmul).
+    """Bytes of one step (GB = 1e9). S = batch·samples slots, T = prompt + new tokens, N = new tokens, R = the
+    rank of all of the algorithm's adapters together (they run in one LoRA matmul), M = micro_batches.
       base          every weight once, in the compute dtype (the reference, the judge, every player share it)
       adapters      float32 A, B of each adapter; its gradient (4 bytes) and AdamW's m, v (8) if trained
-      kv_cache      the step's one generate call: rows · T · n_layer · 2 (k, v) · n_kv_head · head_dim
+      kv_cache      one generate call: rows · T · n_layer · 2 (k, v) · n_kv_head · head_dim, rows = S·r/M
+      scoring       the log-probs taken without a graph (π_t, μ, an opponent), before the graph is built:
+                    float32 logits at the response positions and their exp (the logsumexp), S·n/M rows
       activations   what autograd keeps per token and layer (q, k, v, attention out, gate_up, silu, and the
-                    float32 LoRA inputs and bottlenecks), plus float32 logits at the response positions
-    Generation and training run one after the other: total = base + adapters + max(kv_cache, activations)."""
+                    float32 LoRA inputs and bottlenecks) and the logits, then in backward three more logits-
+                    sized buffers (gather's and logsumexp's gradients and their sum), for S·g/M rows (r, g, n:
+                    ALGOS[algo].rows). With --grad_checkpoint: each block's input, plus one block's activations
+                    while it is recomputed. The CPU and CUDA attention kernels both keep only the output and
+                    its logsumexp (no T x T matrix), so the estimate is the same on both.
+    The phases follow each other: total = base + adapters + max(kv_cache, scoring, activations)."""
     C, I, hd, L, V = c.n_embd, c.intermediate_size, c.n_embd // c.n_head, c.n_layer, c.vocab_size
-    algo, B, kv = ALGOS[cfg.algo], cfg.batch_size * cfg.samples, c.n_kv_head * hd
+    algo, S, kv = ALGOS[cfg.algo], cfg.batch_size * cfg.samples / cfg.micro_batches, c.n_kv_head * hd
     N, R = cfg.max_new_tokens, cfg.lora_rank * len(algo.adapters)
     T = cfg.max_prompt_tokens + N
     lora = L * cfg.lora_rank * (6 * C + 2 * kv + 3 * I)                # A, B of the 4 linear layers
     per_tok = (3 * C + 3 * kv + 3 * I) * dtype_bytes + (5 * C + I + 4 * R) * 4
-    gen_rows, graph_rows = algo.rows
+    kept = T * (L * C * dtype_bytes + per_tok) if cfg.grad_checkpoint else T * L * per_tok
+    gen_rows, graph_rows, free_rows = algo.rows
     d = dict(base=dtype_bytes * (2 * V * C + C + L * (C * (2 * C + 2 * kv) + 3 * C * I + 2 * C)),
              adapters=4 * lora * len(algo.adapters) + 12 * lora * algo.trained,
-             kv_cache=gen_rows * B * T * L * 2 * kv * dtype_bytes,
-             activations=graph_rows * B * (T * L * per_tok + N * V * 4))
-    d["total"] = d["base"] + d["adapters"] + max(d["kv_cache"], d["activations"])
+             kv_cache=int(gen_rows * S * T * L * 2 * kv * dtype_bytes),
+             scoring=int(free_rows * S * 2 * N * V * 4),
+             activations=int(graph_rows * S * (kept + 4 * N * V * 4)))
+    d["total"] = d["base"] + d["adapters"] + max(d["kv_cache"], d["scoring"], d["activations"])
     return d
 
 
 def dry_run(cfg):
+    """The memory of a step as configured, with --grad_checkpoint, and with it and one slot per micro-batch."""
     c = GPTConfig.from_name("tiny") if cfg.model == "tiny" else \
         read_config(find_weights(cfg) / "config.json") if cfg.weights else GPTConfig.from_name("phi3-mini")
-    d = memory(c, cfg, 4 if cfg.dtype == "float32" else 2)
-    print(f"{cfg.algo} on {cfg.model}: batch {cfg.batch_size} x {cfg.samples} samples, "
-          f"{cfg.max_prompt_tokens} + {cfg.max_new_tokens} tokens, LoRA r = {cfg.lora_rank}\n" +
-          "\n".join(f"  {k:<12}{v / 1e9:9.3f} GB" for k, v in d.items()))
-    return d
+    dtype_bytes, M = 4 if cfg.dtype == "float32" else 2, cfg.batch_size * cfg.samples
+    cols = {"as set": cfg, "--grad_checkpoint": replace(cfg, grad_checkpoint=True),
+            f"+ --micro_batches {M}": replace(cfg, grad_checkpoint=True, micro_batches=M)}
+    d = {name: memory(c, sub, dtype_bytes) for name, sub in cols.items()}
+    print(f"{cfg.algo} on {cfg.model}: batch {cfg.batch_size} x {cfg.samples} samples, {cfg.max_prompt_tokens} + "
+          f"{cfg.max_new_tokens} tokens, LoRA r = {cfg.lora_rank}, {8 * dtype_bytes}-bit weights (GB = 1e9)\n"
+          f"  {'':<12}" + "".join(f"{name:>20}" for name in cols) + "\n" +
+          "\n".join(f"  {k:<12}" + "".join(f"{d[n][k] / 1e9:17.3f} GB" for n in cols) for k in d["as set"]))
+    return d["as set"]
 
 
 # ----------------------------------------------------------------------------------------------------------
