@@ -299,7 +299,7 @@ class KVCache:
         return pos.clamp(min=0), self.at
 
     def update(self, layer, kv):
-        """Write this call's [k; v] (B, 2 H_kv, T, hs) at its slots; return all slots (B, 2 H_kv, max_len, hs)."""
+        """Write this call's [k; v] (B, 2 H_kv, T, hs) at its slots; return all (B, 2 H_kv, max_len, hs)."""
         return self.kv[layer].index_copy_(2, self.at, kv)
 
     def take(self, rows):
@@ -392,7 +392,7 @@ def generate(model, prompts, max_new_tokens, *, adapters=None, mix_beta=0.0, mix
 
     lp, n, ones = mix(logits), 0, torch.ones(len(names), 1, dtype=torch.long, device=device)
     for i in range(N):
-        if i % 8 == 0:                                   # NaN or all -inf (diverged weights): raised at the end
+        if i % 8 == 0:                                   # NaN or all -inf (diverged weights): raised below
             finite &= lp.amax(-1).isfinite().all()
         nxt = sample_next(lp, u[:, i], temperature, top_p)                                   # (B,)
         if len(stop):                                    # finished rows hold pad_id, masked out

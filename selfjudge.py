@@ -2,17 +2,17 @@
 selfjudge.py: LANA's players judge each other. Does self-evaluation help or hurt? Measured exactly, on the toy
 games of train_lm.py, against the TRUE preferences.
 
-    python selfjudge.py                     # about 4 minutes on 2 CPU cores: a table and figures/self_judge.png
+    python selfjudge.py             # about 4 minutes on 2 CPU cores: a table and figures/self_judge.png
 
-1. Teach the tiny model to judge. On the prompt TOY_JUDGE(x, y, y') (tasks.py) its probability of answering "1"
-   rather than "2" is fitted to P(y ≻ y'), for every prompt and ordered pair (so both presentation orders), by
-   cross-entropy on the soft label, training the base weights. A second judge learns from a finite sample of
+1. Teach the tiny model to judge. On the prompt TOY_JUDGE(x, y, y') (tasks.py) its probability of answering
+   "1" rather than "2" is fitted to P(y ≻ y'), for every prompt and ordered pair (so both presentation orders),
+   by cross-entropy on the soft label, training the base weights. A second judge learns from a finite sample of
    noisy labels (m Bernoulli(P) draws per pair): its error is an estimate's, not a symmetric flip, which would
    only rescale the step.
 2. From the taught base, train with train_lm.train (the loop and steps of the default run):
      lana, oracle judge          as in `python train_lm.py`: the game's P judges
-     lana, self-judge            Algorithm 1: each player is judged by the model with the OTHER player's adapter,
-                                 so the judge drifts as the players train ("adaptive feedback")
+     lana, self-judge            Algorithm 1: each player is judged by the model with the OTHER player's
+                                 adapter, so the judge drifts as the players train ("adaptive feedback")
      lana, noisy self-judge      the same, from the judge taught with noisy labels
      maio_pg, self-judge         the policy judges its own duels (train_lm.step_maio_pg)
      inpo, nash_md_pg            judged by the frozen base: the taught judge, which does not drift
@@ -87,7 +87,8 @@ def main(out="out/self_judge", figure="figures/self_judge.png", steps=200, m=8, 
     for name, recs in logs.items():
         key, end = ("gap" if name in ("inpo", "nash_md_pg") else "gap0"), recs[-1]
         err = [r["judge_err"] for r in recs if "judge_err" in r]
-        print(f"  {name:13s} {'DualGap_τ' if key == 'gap' else 'DualGap_0'} {recs[0][key]:.3e} -> {end[key]:.3e}"
+        kind = "DualGap_τ" if key == "gap" else "DualGap_0"
+        print(f"  {name:13s} {kind} {recs[0][key]:.3e} -> {end[key]:.3e}"
               f" | average {end['avg_' + key]:.3e}" + (f" | judge error {err[0]:.3f} -> {err[-1]:.3f}" if err
                                                        else " | judge: the game's P"))
         if "gap0_player2" in end:
@@ -110,7 +111,8 @@ def plot(logs, path):
         if algo in ("inpo", "nash_md_pg"):
             axes[1].plot(steps, [r["gap"] for r in recs if "gap" in r], style, color=color, label=name)
         else:
-            axes[0].plot(steps, [r["gap0"] for r in recs if "gap" in r], style, color=color, label=f"{name} last")
+            axes[0].plot(steps, [r["gap0"] for r in recs if "gap" in r], style, color=color,
+                         label=f"{name} last")
             axes[0].plot(steps, [r["avg_gap0"] for r in recs if "gap" in r], style, color=color, alpha=0.4,
                          lw=3, label=f"{name} average")
         err = [(r["step"], r["judge_err"]) for r in recs if "judge_err" in r]

@@ -425,8 +425,8 @@ def memory(c, cfg, dtype_bytes=2):
       activations   what autograd keeps per token and layer (q, k, v, attention out, gate_up, silu, and the
                     float32 LoRA inputs and bottlenecks) and the logits, then in backward three more logits-
                     sized buffers (gather's and logsumexp's gradients and their sum), for S·g/M rows (r, g, n:
-                    ALGOS[algo].rows). With --grad_checkpoint: each block's input, plus one block's activations
-                    while it is recomputed. The CPU and CUDA attention kernels both keep only the output and
+                    ALGOS[algo].rows). With --grad_checkpoint: each block's input, plus one block's
+                    activations while it is recomputed. The CPU and CUDA attention kernels both keep only the output and
                     its logsumexp (no T x T matrix), so the estimate is the same on both.
     The phases follow each other: total = base + adapters + max(kv_cache, scoring, activations)."""
     C, I, hd, L, V = c.n_embd, c.intermediate_size, c.n_embd // c.n_head, c.n_layer, c.vocab_size
@@ -447,15 +447,15 @@ def memory(c, cfg, dtype_bytes=2):
 
 
 def dry_run(cfg):
-    """The memory of a step as configured, with --grad_checkpoint, and with it and one slot per micro-batch."""
+    """The memory of a step as set, with --grad_checkpoint, and with it and one slot per micro-batch."""
     c = GPTConfig.from_name("tiny") if cfg.model == "tiny" else \
         read_config(find_weights(cfg) / "config.json") if cfg.weights else GPTConfig.from_name("phi3-mini")
     dtype_bytes, M = 4 if cfg.dtype == "float32" else 2, cfg.batch_size * cfg.samples
     cols = {"as set": cfg, "--grad_checkpoint": replace(cfg, grad_checkpoint=True),
             f"+ --micro_batches {M}": replace(cfg, grad_checkpoint=True, micro_batches=M)}
     d = {name: memory(c, sub, dtype_bytes) for name, sub in cols.items()}
-    print(f"{cfg.algo} on {cfg.model}: batch {cfg.batch_size} x {cfg.samples} samples, {cfg.max_prompt_tokens} + "
-          f"{cfg.max_new_tokens} tokens, LoRA r = {cfg.lora_rank}, {8 * dtype_bytes}-bit weights (GB = 1e9)\n"
+    print(f"{cfg.algo} on {cfg.model}: batch {cfg.batch_size} x {cfg.samples} samples, "
+          f"{cfg.max_prompt_tokens} + {cfg.max_new_tokens} tokens, LoRA r = {cfg.lora_rank}, {8 * dtype_bytes}-bit weights (GB = 1e9)\n"
           f"  {'':<12}" + "".join(f"{name:>20}" for name in cols) + "\n" +
           "\n".join(f"  {k:<12}" + "".join(f"{d[n][k] / 1e9:17.3f} GB" for n in cols) for k in d["as set"]))
     return d["as set"]
