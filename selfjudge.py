@@ -5,10 +5,10 @@ games of train_lm.py, against the TRUE preferences.
     python selfjudge.py             # about 4 minutes on 2 CPU cores: a table and figures/self_judge.png
 
 1. Teach the tiny model to judge. On the prompt TOY_JUDGE(x, y, y') (tasks.py) its probability of answering
-   "1" rather than "2" is fitted to P(y ≻ y'), for every prompt and ordered pair (so both presentation orders),
-   by cross-entropy on the soft label, training the base weights. A second judge learns from a finite sample of
-   noisy labels (m Bernoulli(P) draws per pair): its error is an estimate's, not a symmetric flip, which would
-   only rescale the step.
+   "1" rather than "2" is fitted to P(y ≻ y'), for every prompt and ordered pair (so both presentation
+   orders), by cross-entropy on the soft label, training the base weights. A second judge learns from a finite
+   sample of noisy labels (m Bernoulli(P) draws per pair): its error is an estimate's, not a symmetric flip,
+   which would only rescale the step.
 2. From the taught base, train with train_lm.train (the loop and steps of the default run):
      lana, oracle judge          as in `python train_lm.py`: the game's P judges
      lana, self-judge            Algorithm 1: each player is judged by the model with the OTHER player's

@@ -426,8 +426,8 @@ def memory(c, cfg, dtype_bytes=2):
                     float32 LoRA inputs and bottlenecks) and the logits, then in backward three more logits-
                     sized buffers (gather's and logsumexp's gradients and their sum), for S·g/M rows (r, g, n:
                     ALGOS[algo].rows). With --grad_checkpoint: each block's input, plus one block's
-                    activations while it is recomputed. The CPU and CUDA attention kernels both keep only the output and
-                    its logsumexp (no T x T matrix), so the estimate is the same on both.
+                    activations while it is recomputed. The CPU and CUDA attention kernels both keep only
+                    the output and its logsumexp (no T x T matrix), so the estimate is the same on both.
     The phases follow each other: total = base + adapters + max(kv_cache, scoring, activations)."""
     C, I, hd, L, V = c.n_embd, c.intermediate_size, c.n_embd // c.n_head, c.n_layer, c.vocab_size
     algo, S, kv = ALGOS[cfg.algo], cfg.batch_size * cfg.samples / cfg.micro_batches, c.n_kv_head * hd
@@ -455,7 +455,8 @@ def dry_run(cfg):
             f"+ --micro_batches {M}": replace(cfg, grad_checkpoint=True, micro_batches=M)}
     d = {name: memory(c, sub, dtype_bytes) for name, sub in cols.items()}
     print(f"{cfg.algo} on {cfg.model}: batch {cfg.batch_size} x {cfg.samples} samples, "
-          f"{cfg.max_prompt_tokens} + {cfg.max_new_tokens} tokens, LoRA r = {cfg.lora_rank}, {8 * dtype_bytes}-bit weights (GB = 1e9)\n"
+          f"{cfg.max_prompt_tokens} + {cfg.max_new_tokens} tokens, LoRA r = {cfg.lora_rank}, "
+          f"{8 * dtype_bytes}-bit weights (GB = 1e9)\n"
           f"  {'':<12}" + "".join(f"{name:>20}" for name in cols) + "\n" +
           "\n".join(f"  {k:<12}" + "".join(f"{d[n][k] / 1e9:17.3f} GB" for n in cols) for k in d["as set"]))
     return d["as set"]
