@@ -93,9 +93,14 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight)
         if lora is None:
             return y
-        names, gate = lora
-        A = torch.cat([self.lora_A[n] for n in names])                   # (R, in)
-        B = torch.cat([self.lora_B[n] for n in names], 1)                # (out, R)
+        names, gate, stacked = lora                  # stacked: [A; B] per layer, kept while nothing trains
+        if self not in stacked:
+            A = torch.cat([self.lora_A[n] for n in names])               # (R, in)
+            B = torch.cat([self.lora_B[n] for n in names], 1)            # (out, R)
+            if torch.is_grad_enabled():
+                return y + F.linear(F.linear(x.to(A.dtype), A) * gate, B).to(x.dtype)
+            stacked[self] = A, B
+        A, B = stacked[self]
         return y + F.linear(F.linear(x.to(A.dtype), A) * gate, B).to(x.dtype)
 
 
@@ -235,7 +240,7 @@ class GPT(nn.Module):
         return [d[name] for m in self.lora_layers() for d in (m.lora_A, m.lora_B)]
 
     def lora_gate(self, adapters, B, device):
-        """adapters -> (used adapter names, gate (B, 1, R)) for LoRALinear, or None when no row uses one.
+        """adapters -> (used adapter names, gate (B, 1, R), {}) for LoRALinear, or None if no row uses one.
         adapters: None (the base), a name (every row), or a list with one name or None per row. Every call of
         the model takes such an `adapters` argument, or its lora_gate (generate builds it once)."""
         names = [adapters] * B if adapters is None or isinstance(adapters, str) else list(adapters)
@@ -249,7 +254,7 @@ class GPT(nn.Module):
             r, alpha = self.adapters[a]
             gate[[b for b, n in enumerate(names) if n == a], :, col:col + r] = alpha / r
             col += r
-        return used, gate.to(device)
+        return used, gate.to(device), {}
 
     @torch.no_grad()
     def copy_adapter(self, src, dst):

@@ -16,9 +16,10 @@ def phi3_dir(tmp_path_factory):
         pytest.skip("../shared/assets/phi3-tokenizer/tokenizer.json not available")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.Phi3Config(vocab_size=32064, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
-                                     pad_token_id=32000, tie_word_embeddings=False)
+    config = transformers.Phi3Config(vocab_size=32064, hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                     max_position_embeddings=4096, pad_token_id=32000,
+                                     tie_word_embeddings=False)
     folder = tmp_path_factory.mktemp("phi3_tiny")
     transformers.Phi3ForCausalLM(config).save_pretrained(folder)
     shutil.copy(tok, folder / "tokenizer.json")

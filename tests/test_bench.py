@@ -13,7 +13,8 @@ ROOT = Path(__file__).parents[1]
 
 def test_gpu_command_runs_scaled_down_on_cpu():
     p = subprocess.run([sys.executable, str(ROOT / "bench_scale.py"), "--gpu", "--small"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert p.returncode == 0, p.stderr
     assert "decode, greedy" in p.stdout and "tokens/s" in p.stdout
     for algo in ("inpo", "nash_md_pg", "lana", "maio_pg"):
@@ -25,8 +26,8 @@ def test_memory_estimate_matches_a_measured_step():
     of one LANA step in a fresh process is within ±15% of train_lm.memory's estimate."""
     name, model, flags = next(c for c in __import__("bench_scale").MEMORY if c[2]["algo"] == "lana")
     spec = json.dumps({"model": {"vocab_size": 32064, **model}, "flags": flags})
-    p = subprocess.run([sys.executable, str(ROOT / "bench_scale.py"), "--step-peak", spec], cwd=ROOT, text=True,
-                       capture_output=True, timeout=300, check=True,
+    p = subprocess.run([sys.executable, str(ROOT / "bench_scale.py"), "--step-peak", spec], cwd=ROOT,
+                       text=True, capture_output=True, timeout=300, check=True,
                        env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "2"})
     r = json.loads(p.stdout.splitlines()[-1])
     assert 0.85 < r["measured"] / r["estimate"] < 1.15, (name, r)

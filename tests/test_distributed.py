@@ -1,6 +1,6 @@
-"""Tests of train_lm.py's scale-out paths: torchrun data parallelism (2 CPU processes, gloo) ends with the same
-adapters as one process with the same global batch, only rank 0 writes; and the --dry_run memory budget counts
-exactly the parameters of a real Phi-3."""
+"""Tests of train_lm.py's scale-out paths: torchrun data parallelism (2 CPU processes, gloo) ends with the
+same adapters as one process with the same global batch, only rank 0 writes; and the --dry_run memory budget
+counts exactly the parameters of a real Phi-3."""
 import json
 import os
 import subprocess
@@ -24,7 +24,8 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "
 def launch(out_dir, *args, ranks=1):
     """Start train_lm.py (one process, or torchrun with 2 ranks) on the toy game; returns the Popen."""
     cmd = (TORCHRUN if ranks == 2 else [sys.executable]) + [
-        str(ROOT / "train_lm.py"), "--out_dir", str(out_dir), "--figure", "", "--log_every", "1", *map(str, args)]
+        str(ROOT / "train_lm.py"), "--out_dir", str(out_dir), "--figure", "", "--log_every", "1",
+        *map(str, args)]
     return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -39,21 +40,21 @@ def adapters(ckpt):
 
 
 def assert_same_adapters(a, b, atol=1e-5):
-    """Equal within atol, except at most 1 element in 10,000 within 1e-3. Why: the two runs sum the same gradient
-    in a different order (rounding ~1e-7), and Adam's first steps move each element by about ±lr whatever the
-    size of its gradient, so an element whose gradient is a near-exact cancellation can take its sign from the
-    rounding (seen: 1 of 39k elements off by 4e-5 at lr 1e-3)."""
+    """Equal within atol, except at most 1 element in 10,000 within 1e-3. Why: the two runs sum the same
+    gradient in a different order (rounding ~1e-7), and Adam's first steps move each element by about ±lr
+    whatever the size of its gradient, so an element whose gradient is a near-exact cancellation can take
+    its sign from the rounding (seen: 1 of 39k elements off by 4e-5 at lr 1e-3)."""
     a, b = adapters(a), adapters(b)
     assert a.keys() == b.keys() and a
     d = torch.cat([(a[name][key] - b[name][key]).abs().flatten() for name in a for key in a[name]])
     assert (d > atol).sum() <= d.numel() // 10_000 and d.max() < 1e-3, (int((d > atol).sum()), d.max().item())
 
 
-# ---------------------------------------------------------------------------------------------------- torchrun
+# ------------------------------------------------------------------------------------------------- torchrun
 def test_two_ranks_equal_one_rank(tmp_path):
-    """Global batch 8 on 2 ranks == batch 8 in 1 process, for every algorithm (--algo all): the randomness is
-    shard-invariant (each rank takes its slots of the global draws) and the gradients and logged statistics are
-    averaged. Only rank 0 prints, logs and writes checkpoints."""
+    """Global batch 8 on 2 ranks == batch 8 in 1 process, for every algorithm (--algo all): the randomness
+    is shard-invariant (each rank takes its slots of the global draws) and the gradients and logged
+    statistics are averaged. Only rank 0 prints, logs and writes checkpoints."""
     args = ["--batch_size", 8, "--samples", 2, "--max_steps", 3, "--iter_steps", 2]
     one, two = launch(tmp_path / "one", *args), launch(tmp_path / "two", *args, ranks=2)
     out1, out2 = finish(one), finish(two)
@@ -61,9 +62,11 @@ def test_two_ranks_equal_one_rank(tmp_path):
     for algo in T.ALGOS:
         run1, run2 = tmp_path / "one" / algo, tmp_path / "two" / algo
         assert_same_adapters(run1 / "ckpt_000003", run2 / "ckpt_000003")
-        assert sorted(p.name for p in run2.iterdir()) == [".lock", "ckpt_000003", "log.jsonl", "plot.png", "run.json"]
+        assert sorted(p.name for p in run2.iterdir()) == [
+            ".lock", "ckpt_000003", "log.jsonl", "plot.png", "run.json"]
         assert out2.count(f"{algo} step") == out1.count(f"{algo} step") == 3
-        log1, log2 = ([json.loads(x) for x in (r / "log.jsonl").read_text().splitlines()] for r in (run1, run2))
+        log1, log2 = ([json.loads(x) for x in (r / "log.jsonl").read_text().splitlines()]
+                      for r in (run1, run2))
         assert [r["step"] for r in log1] == [r["step"] for r in log2] == [0, 1, 2, 3]
         for r1, r2 in zip(log1, log2):        # the same global loss, statistics and exact gap at every step
             for key in set(r1) - {"tok_s", "s_step"}:
@@ -71,9 +74,11 @@ def test_two_ranks_equal_one_rank(tmp_path):
 
 
 def test_resume_on_two_ranks_from_one_rank_checkpoint(tmp_path):
-    """Every rank loads the same checkpoint: 2 steps in one process, then 2 more on 2 ranks == 4 in one process."""
+    """Every rank loads the same checkpoint: 2 steps in one process, then 2 more on 2 ranks == 4 in one
+    process."""
     args = ["--algo", "inpo", "--batch_size", 4, "--samples", 2, "--no-cosine", "--iter_steps", 2]
-    straight, first = launch(tmp_path / "a", *args, "--max_steps", 4), launch(tmp_path / "b", *args, "--max_steps", 2)
+    straight = launch(tmp_path / "a", *args, "--max_steps", 4)
+    first = launch(tmp_path / "b", *args, "--max_steps", 2)
     finish(first)
     finish(launch(tmp_path / "b", *args, "--max_steps", 4, "--resume", ranks=2))
     finish(straight)
@@ -84,7 +89,8 @@ def test_uneven_global_batch_is_a_clear_error(tmp_path):
     p = launch(tmp_path, "--algo", "inpo", "--batch_size", 3, "--max_steps", 1, ranks=2)
     out, err = p.communicate(timeout=120)
     assert p.returncode != 0
-    assert "error: --batch_size 3 is the global batch and must be divisible by the number of processes (2)" in err
+    assert ("error: --batch_size 3 is the global batch and must be divisible "
+            "by the number of processes (2)") in err
     assert not (tmp_path / "inpo").exists()
 
 
@@ -93,13 +99,13 @@ def test_shard_slices_tile_the_batch():
     assert T.Shard().mine(8) == slice(0, 8)
 
 
-# ---------------------------------------------------------------------------------------------------- memory budget
+# -------------------------------------------------------------------------------------------- memory budget
 PHI3_MINI = GPTConfig.from_name("phi3-mini")
 
 
 def test_memory_counts_the_real_parameters():
-    """base = the bytes of every weight of transformers' Phi-3 (bf16); adapters = float32 A, B plus gradients and
-    AdamW's m, v for the trained ones, counted from our model's LoRA parameters."""
+    """base = the bytes of every weight of transformers' Phi-3 (bf16); adapters = float32 A, B plus
+    gradients and AdamW's m, v for the trained ones, counted from our model's LoRA parameters."""
     c = GPTConfig(vocab_size=100, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=96)
     model = GPT(c)
     model.add_adapter("policy", r=4, alpha=8)
@@ -124,7 +130,8 @@ def test_phi3_mini_memory_per_algo():
 
 
 def test_dry_run_cli_reads_no_weights(tmp_path):
-    """No weights anywhere (an empty HF cache): --dry_run still prints the budget from the phi3-mini preset."""
+    """No weights anywhere (an empty HF cache): --dry_run still prints the budget from the phi3-mini
+    preset."""
     env = {**ENV, "HF_HOME": str(tmp_path), "HF_HUB_CACHE": str(tmp_path)}
     env.pop("NANO_NASH_WEIGHTS", None)
     p = subprocess.run([sys.executable, str(ROOT / "train_lm.py"), "--model", "phi3", "--dry_run"], cwd=ROOT,
@@ -151,7 +158,8 @@ def test_activation_estimate_matches_autograd(dtype, dtype_bytes):
     resp[:, P:] = 1
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         sequence_logprobs(model, tokens, torch.ones_like(tokens), resp, "policy")
-    cfg = T.resolve(T.TrainConfig(model="phi3", batch_size=B, samples=1, max_prompt_tokens=P, max_new_tokens=N,
-                                  lora_rank=8), "nash_md_pg")       # Nash-MD-PG: a graph on B·S rows
+    # Nash-MD-PG: a graph on B·S rows
+    cfg = T.resolve(T.TrainConfig(model="phi3", batch_size=B, samples=1, max_prompt_tokens=P,
+                                  max_new_tokens=N, lora_rank=8), "nash_md_pg")
     estimate = T.memory(c, cfg, dtype_bytes)["activations"]
     assert abs(estimate / sum(seen.values()) - 1) < 0.1, (estimate, sum(seen.values()))

@@ -1,6 +1,7 @@
-"""Tests of train_lm.py and tasks.py: the toy game converges (exact gap), resume is bit-exact, divergence stops the
-run with the last checkpoint intact, the judge reads token ids, and the Phi-3 path runs end to end on a tiny random
-Phi-3 checkpoint with the real tokenizer (transformers builds it; skipped when the asset is absent)."""
+"""Tests of train_lm.py and tasks.py: the toy game converges (exact gap), resume is bit-exact, divergence
+stops the run with the last checkpoint intact, the judge reads token ids, and the Phi-3 path runs end to end
+on a tiny random Phi-3 checkpoint with the real tokenizer (transformers builds it; skipped when the asset is
+absent)."""
 import json
 import os
 import subprocess
@@ -26,8 +27,8 @@ def toy(tmp_path, **kw):
 
 
 def cli(*args, timeout=240, flags=()):
-    p = subprocess.run([sys.executable, *flags, str(ROOT / "train_lm.py"), *map(str, args)], capture_output=True,
-                       text=True, timeout=timeout, cwd=ROOT, env=ENV)
+    p = subprocess.run([sys.executable, *flags, str(ROOT / "train_lm.py"), *map(str, args)],
+                       capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=ENV)
     return p.returncode, p.stdout, p.stderr
 
 
@@ -72,7 +73,8 @@ def test_toy_convergence(tmp_path, algo):
     assert gaps[-1] < gaps[0] / 3, gaps
     log = [json.loads(line) for line in (tmp_path / algo / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(0, 150, 5)) + [149, 150]
-    assert all({"loss", "gap", "gap0"} <= set(r) for r in log[:-2]) and (tmp_path / algo / "plot.png").is_file()
+    assert (all({"loss", "gap", "gap0"} <= set(r) for r in log[:-2])
+            and (tmp_path / algo / "plot.png").is_file())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -102,7 +104,7 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch, algo):
     assert all(torch.equal(a[n][key], b[n][key]) for n in a for key in a[n])
     logs = [[json.loads(x) for x in (tmp_path / run / algo / "log.jsonl").read_text().splitlines()]
             for run in ("straight", "resumed")]
-    assert [r["step"] for r in logs[1]] == [0, 1, 2, 3, 4, 5, 6]         # steps 3, 4 of the first try cut away
+    assert [r["step"] for r in logs[1]] == [0, 1, 2, 3, 4, 5, 6]  # steps 3, 4 of the first try cut away
     for r1, r2 in zip(*logs):
         assert {k: v for k, v in r1.items() if "gap" in k} == {k: v for k, v in r2.items() if "gap" in k}
 
@@ -169,14 +171,15 @@ def test_phi3_judge_sees_no_injected_control_tokens(phi3_dir, monkeypatch):
     seen = []
     real_forward = model.forward
     monkeypatch.setattr(model, "forward", lambda x, *a, **kw: seen.append(x) or real_forward(x, *a, **kw))
-    r = T.Rollout(*(torch.tensor([v]) for v in (task.prompts[0] + spelled, [1] * (len(task.prompts[0]) +
-                                                len(spelled)), [0] * len(task.prompts[0]) + [1] * len(spelled))),
+    r = T.Rollout(*(torch.tensor([v]) for v in (task.prompts[0] + spelled,
+                                                [1] * (len(task.prompts[0]) + len(spelled)),
+                                                [0] * len(task.prompts[0]) + [1] * len(spelled))),
                   k=torch.tensor([0]))
     task.judge(model, r, r, None, True)
     control = {tok.bos_id, *tok.special_ids}
     for x in seen:
         ctrl = [i for i in x[0].tolist() if i in control and i != tok.pad_id]
-        assert ctrl == [tok.bos_id, 32010, 32007, 32001], ctrl            # <s> <|user|> ... <|end|> <|assistant|>
+        assert ctrl == [tok.bos_id, 32010, 32007, 32001], ctrl  # <s> <|user|> ... <|end|> <|assistant|>
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -188,12 +191,14 @@ PHI3 = ["--model", "phi3", "--max_new_tokens", 6, "--batch_size", 2]
 @pytest.mark.parametrize("algo", ["lana", "inpo", "nash_md_pg", "maio_pg"])
 def test_phi3_end_to_end(phi3_dir, tmp_path, algo):
     extra = ["--judge_both_orders"] if algo == "lana" else []
-    rc, out, err = cli(*PHI3, "--weights", phi3_dir, "--algo", algo, "--max_steps", 2, "--out_dir", tmp_path, *extra)
+    rc, out, err = cli(*PHI3, "--weights", phi3_dir, "--algo", algo, "--max_steps", 2,
+                       "--out_dir", tmp_path, *extra)
     assert rc == 0, err
     assert out.count(f"{algo} step") == 2
     run = tmp_path / algo
     assert [p.name for p in run.glob("ckpt_*")] == ["ckpt_000002"]
-    assert sorted(p.name for p in (run / "ckpt_000002").iterdir() if p.is_dir()) == sorted(T.ALGOS[algo].adapters)
+    assert (sorted(p.name for p in (run / "ckpt_000002").iterdir() if p.is_dir())
+            == sorted(T.ALGOS[algo].adapters))
     cfg = json.loads((run / "ckpt_000002" / "config.json").read_text())
     assert cfg["algo"] == algo and cfg["lr"] == 3e-4 and cfg["lora_rank"] == 16
     ad = json.loads((run / "ckpt_000002" / T.ALGOS[algo].adapters[0] / "adapter_config.json").read_text())
@@ -216,8 +221,10 @@ def test_prompts_json_array_and_bom(tmp_path):
 
 
 def test_user_conditions_survive_python_O(phi3_dir, tmp_path):
-    """Too long for the context is an error a user can hit: it must not be an assert (python -O drops those)."""
-    rc, _, err = cli(*PHI3, "--weights", phi3_dir, "--max_new_tokens", 2500, "--out_dir", tmp_path, flags=["-O"])
+    """Too long for the context is an error a user can hit: it must not be an assert (python -O drops
+    those)."""
+    rc, _, err = cli(*PHI3, "--weights", phi3_dir, "--max_new_tokens", 2500, "--out_dir", tmp_path,
+                     flags=["-O"])
     assert rc == 1 and "context" in err and "Traceback" not in err, err
 
 
