@@ -161,9 +161,7 @@ def gpu(small=False):
                  f"{weights / 1e9:.2f} GB of weights")
     print(line, flush=True)
     model = None
-    for algo in train_lm.ALGOS:
-        if algo == "lana_printed":
-            continue                                      # the same step as lana
+    for algo in ("inpo", "nash_md_pg", "lana", "maio_pg"):
         model = step = None                               # free the previous model first
         model, c, cfg, step = build(model_cfg, dict(algo=algo, batch_size=B, max_prompt_tokens=P,
                                                     max_new_tokens=N), device, dtype)

@@ -14,8 +14,8 @@ games of train_lm.py, against the TRUE preferences.
      lana, self-judge            Algorithm 1: each player is judged by the model with the OTHER player's
                                  adapter, so the judge drifts as the players train ("adaptive feedback")
      lana, noisy self-judge      the same, from the judge taught with noisy labels
-     maio_pg, self-judge         the policy judges its own duels (train_lm.step_maio_pg)
-     inpo, nash_md_pg            judged by the frozen base: the taught judge, which does not drift
+     maio_pg, self-judge         the policy judges its own duels (train_lm.ALGOS["maio_pg_self"])
+     maio_pg, inpo, nash_md_pg   judged by the frozen base: the taught judge, which does not drift
    Every logged step: each player's exact gap to the true NE (last and average iterate) and the mean error
    |P̂ − P| over all pairs of the judge that player is trained against.
 """
@@ -34,7 +34,8 @@ from tasks import ToyTask
 
 RUNS = [  # (run name, algorithm, the judge: "oracle", "self" or "noisy")
     ("lana_oracle", "lana", "oracle"), ("lana_self", "lana", "self"), ("lana_noisy", "lana", "noisy"),
-    ("maio_pg_self", "maio_pg", "self"), ("inpo", "inpo", "self"), ("nash_md_pg", "nash_md_pg", "self")]
+    ("maio_pg_self", "maio_pg_self", "self"), ("maio_pg", "maio_pg", "self"), ("inpo", "inpo", "self"),
+    ("nash_md_pg", "nash_md_pg", "self")]
 
 
 def teach_judge(model, task, labels, steps=800, lr=3e-4):
@@ -78,7 +79,7 @@ def main(out="out/self_judge", figure="figures/self_judge.png", steps=200, m=8, 
     logs = {}
     for name, algo, judge in RUNS:
         cfg = replace(train_lm.resolve(base_cfg, algo), max_steps=steps, log_every=10, overwrite=True)
-        cfg = replace(cfg, samples=min(cfg.samples, 64))          # MAIO-PG's self-judge: 3 judge calls a slot
+        cfg = replace(cfg, samples=min(cfg.samples, 32))          # MAIO-PG: 3 judge calls a slot
         task = ToyTask(cfg, self_judge=judge != "oracle")
         built = (copy.deepcopy(judges["noisy" if judge == "noisy" else "self"]), task, f"tiny-judge-{judge}")
         logs[name] = train_lm.train(cfg, Path(out) / name, built=built)
@@ -106,7 +107,7 @@ def plot(logs, path):
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for name, recs in logs.items():
         algo = name.split("_self")[0].split("_oracle")[0].split("_noisy")[0]
-        style = {"oracle": ":", "noisy": "-."}.get(name.rsplit("_", 1)[-1], "-")
+        style = {"oracle": ":", "noisy": "-.", "self": "-"}.get(name.rsplit("_", 1)[-1], "--")  # --: base
         color, steps = games.COLORS.get(algo), [r["step"] for r in recs if "gap" in r]
         if algo in ("inpo", "nash_md_pg"):
             axes[1].plot(steps, [r["gap"] for r in recs if "gap" in r], style, color=color, label=name)

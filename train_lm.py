@@ -195,18 +195,19 @@ def step_lana(model, task, cfg, k, rng, step, printed_sign=False):
     return loss, {**st, **s, "win": pref.mean(), "ntok": r.resp.sum()}
 
 
-def step_maio_pg(model, task, cfg, k, rng, step):
+def step_maio_pg(model, task, cfg, k, rng, step, judge=None):
     """MAIO-PG (this repo, §5.1): y ~ π_θ against ỹ, the winner of a duel between two more samples a, b of
     π_θ, with the payoff advantage P(y ≻ ỹ) − 1/2 (pg_loss, τ = 0): mirror ascent against LANA's improved
-    opponent, with a payoff instead of LANA's log-ratio. Reference-free; the policy judges itself. The duel is
-    not decided by a coin: its winner is a with probability P(a ≻ b), so P(y ≻ ỹ) is replaced by its mean
-    P(a ≻ b) P(y ≻ a) + P(b ≻ a) P(y ≻ b) (same expected gradient, less noise)."""
+    opponent, with a payoff instead of LANA's log-ratio. No reference log-probs; the judge is the frozen base
+    (judge="policy": the policy judges itself, which selfjudge.py measures). The duel is not decided by a
+    coin: its winner is a with probability P(a ≻ b), so P(y ≻ ỹ) is replaced by its mean
+    P(a ≻ b) P(y ≻ a) + P(b ≻ a) P(y ≻ b) (the same expected gradient, less noise)."""
     S = len(k)
     r = sample(model, task, cfg, k, "policy", rng(3, cfg.max_new_tokens))       # rows [y; a; b] ~ π_θ
     y, a, b = r.take(slice(0, S)), r.take(slice(S, 2 * S)), r.take(slice(2 * S, None))
-    p_ab, st = task.judge(model, a, b, "policy", cfg.judge_both_orders)
-    p_ya, _ = task.judge(model, y, a, "policy", cfg.judge_both_orders)
-    p_yb, _ = task.judge(model, y, b, "policy", cfg.judge_both_orders)
+    p_ab, st = task.judge(model, a, b, judge, cfg.judge_both_orders)
+    p_ya, _ = task.judge(model, y, a, judge, cfg.judge_both_orders)
+    p_yb, _ = task.judge(model, y, b, judge, cfg.judge_both_orders)
     pref_y = p_ab * p_ya + (1 - p_ab) * p_yb                       # E[P(y ≻ ỹ)] over the duel's winner ỹ
     loss, s = nano_nash.pg_loss(score(model, task, y, "policy", grad=True), pref_y)
     return loss, {**st, **s, "win": pref_y.mean(), "ntok": r.resp.sum()}
@@ -238,11 +239,14 @@ ALGOS = {
     "lana": Algo(step_lana, ("player1", "player2"), 2, "gap0", ("player2", "player1"), rows=(4, 2, 2),
                  tiny=(300, 8, 3e-4, 0., .1, None, None, 1, 1.),
                  phi3=(750, 1, 3e-4, 0., None, None, None, 128, .1)),
-    "maio_pg": Algo(step_maio_pg, ("policy",), 1, "gap0", ("policy",), rows=(3, 1, 0),
+    "maio_pg": Algo(step_maio_pg, ("policy",), 1, "gap0", (None,), rows=(3, 1, 0),
                     tiny=(300, 128, 2e-4, 0., .1, None, None, 1, 1.),
                     phi3=(750, 1, 3e-4, 0., None, None, None, 128, .1)),
 }
+ALL = ("inpo", "nash_md_pg", "lana", "maio_pg", "lana_printed")           # --algo all: the toy comparison
 ALGOS["lana_printed"] = ALGOS["lana"]._replace(step=lambda *a: step_lana(*a, printed_sign=True))
+ALGOS["maio_pg_self"] = ALGOS["maio_pg"]._replace(step=lambda *a: step_maio_pg(*a, judge="policy"),
+                                                  judges=("policy",))         # selfjudge.py's variant
 MATH = ["model", "algo", "base", "prompts_sha", "batch_size", "samples", "lr", "adam_beta1", "tau", "eta",
         "iter_steps", "max_new_tokens", "temperature", "mix_beta", "lora_rank", "cosine", "max_prompt_tokens",
         "judge_both_orders", "label_noise", "seed", "dtype"]    # --resume refuses to change these
@@ -477,15 +481,15 @@ def plot(runs, path, closed=None):
         key = ALGOS[name].gap if toy and name in ALGOS else "gap" if toy else "loss"
         label = f"{name} ({'DualGap_0' if key == 'gap0' else 'DualGap_τ'})" if toy else name
         pts = [(r["step"], r[key]) for r in recs if key in r]
-        axes[0, 0].plot(*zip(*pts), label=label, color=getattr(games, "COLORS", {}).get(name))
+        axes[0, 0].plot(*zip(*pts), label=label, color=games.COLORS.get(name), ls=games.LINESTYLES.get(name))
     axes[0, 0].set(xlabel="SGD step", ylabel="exact gap, mean over prompts" if toy else "loss",
                    yscale="log" if toy else "linear", title="tiny Phi-3 + LoRA, toy games" if toy else "")
     axes[0, 0].legend(fontsize=8)
-    for name, curve in (closed or {}).items():
-        axes[0, 1].plot(curve, label=name, color=getattr(games, "COLORS", {}).get(name))
+    for name, (x, curve) in (closed or {}).items():
+        axes[0, 1].plot(x, curve, label=name, color=games.COLORS.get(name), ls=games.LINESTYLES.get(name))
     if closed:
-        axes[0, 1].set(xlabel="iteration of the closed form (INPO: one per iter_steps SGD steps)",
-                       yscale="log", title="games.py closed form, same P, μ, τ")
+        axes[0, 1].set(xlabel="expected SGD step (INPO: its closed-form iteration every iter_steps steps)",
+                       yscale="log", title="games.py closed form (lr 3), same P, μ, τ")
         axes[0, 1].legend(fontsize=8)
     fig.tight_layout()
     try:
@@ -506,7 +510,7 @@ def plan(cfg):
     if cfg.algo not in ALGOS and not (cfg.algo == "all" and cfg.model == "tiny"):
         raise UserError(f"unknown --algo {cfg.algo!r}; choose one of {', '.join(ALGOS)}"
                         + (" or all" if cfg.model == "tiny" else " (all is the toy game's comparison)"))
-    runs = [(a, resolve(cfg, a)) for a in (ALGOS if cfg.algo == "all" else [cfg.algo])]
+    runs = [(a, resolve(cfg, a)) for a in (ALL if cfg.algo == "all" else [cfg.algo])]
     for _, sub in runs:
         check(sub)
     return runs
@@ -534,7 +538,10 @@ def main(cfg, shard=Shard()):
             sub = dict(runs)["inpo"]
             model, task, _ = setup(sub)
             closed = games.reference_curves(task.P, task.policy(model, None), sub.tau, sub.eta, sub.mix_beta,
-                                            sub.max_steps // sub.iter_steps, 3.0)
+                                            sub.max_steps, 3.0)
+            closed = {k: (torch.arange(len(c)) * (sub.iter_steps if k == "inpo" else 1), c)
+                      for k, c in closed.items()}
+            closed["inpo"] = tuple(v[:sub.max_steps // sub.iter_steps + 1] for v in closed["inpo"])
             plot(logs, ROOT / cfg.figure, closed)
             print(f"wrote {cfg.figure}")
     return logs
