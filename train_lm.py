@@ -271,6 +271,7 @@ def train(cfg, path, shard=Shard(), built=None):
         device = model.lm_head.weight.device
         run.config.update(base=base, prompts_sha=hashlib.sha256(json.dumps(task.texts).encode()).hexdigest())
         state = run.load(model, algo.adapters) if cfg.resume else {}
+        torch.manual_seed(cfg.seed)                           # the adapters' init: the same in every run
         for name in () if state else algo.adapters:           # all on ONE base; adapters off = μ
             model.add_adapter(name, cfg.lora_rank, 2 * cfg.lora_rank)
         params = [p for a in algo.adapters[:algo.trained] for p in model.lora_parameters(a)]
