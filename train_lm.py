@@ -240,7 +240,7 @@ ALGOS = {
                  tiny=(300, 8, 3e-4, 0., .1, None, None, 1, 1.),
                  phi3=(750, 1, 3e-4, 0., None, None, None, 128, .1)),
     "maio_pg": Algo(step_maio_pg, ("policy",), 1, "gap0", (None,), rows=(3, 1, 0),
-                    tiny=(300, 128, 2e-4, 0., .1, None, None, 1, 1.),
+                    tiny=(400, 128, 1.5e-4, 0., .1, None, None, 1, 1.),
                     phi3=(750, 1, 3e-4, 0., None, None, None, 128, .1)),
 }
 ALL = ("inpo", "nash_md_pg", "lana", "maio_pg", "lana_printed")           # --algo all: the toy comparison
