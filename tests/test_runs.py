@@ -16,7 +16,7 @@ import torch
 import runs
 import train_lm as T
 import weights
-from test_train_lm import ENV, ROOT, adapters, cli, toy
+from test_train_lm import ENV, ROOT, adapters, cli, interrupt_at, toy
 
 FAST = dict(algo="inpo", samples=2, save_every=1, log_every=1)
 
@@ -70,16 +70,10 @@ def test_toy_run_replaces_its_own_finished_run_but_not_an_unfinished_one(tmp_pat
     run = tmp_path / "inpo"
     T.main(toy(tmp_path, **FAST, max_steps=3))            # the cheap default run may replace its finished run
     assert ckpts(run) == ["ckpt_000003"] and steps(run) == [0, 1, 2, 3]
-    step = T.ALGOS["inpo"].step
-
-    def crash(model, task, cfg, k, rng, i):
-        if i == 1:
-            raise KeyboardInterrupt
-        return step(model, task, cfg, k, rng, i)
-    monkeypatch.setitem(T.ALGOS, "inpo", T.ALGOS["inpo"]._replace(step=crash))
+    undo = interrupt_at(monkeypatch, "inpo", 1)
     with pytest.raises(KeyboardInterrupt):
         T.main(toy(tmp_path, **FAST, max_steps=3))
-    monkeypatch.setitem(T.ALGOS, "inpo", T.ALGOS["inpo"]._replace(step=step))
+    undo()
     with pytest.raises(T.UserError, match=r"holds a run \(ckpt_000001\); continue it with --resume"):
         T.main(toy(tmp_path, **FAST, max_steps=3))         # an interrupted run is resumed, not replaced
     assert ckpts(run) == ["ckpt_000001"]
@@ -250,20 +244,14 @@ def test_resume_cuts_the_log_and_the_plot_draws_all_of_it(tmp_path, monkeypatch)
     """Stopped after the checkpoint of step 3 with steps 3 and 4 logged, and a last line torn by the crash:
     after --resume every step appears once, and plot.png is drawn from all of steps 0..6."""
     kw = dict(FAST, max_steps=6, save_every=3)
-    step = T.ALGOS["inpo"].step
-
-    def crash(model, task, cfg, k, rng, i):
-        if i == 5:
-            raise KeyboardInterrupt
-        return step(model, task, cfg, k, rng, i)
-    monkeypatch.setitem(T.ALGOS, "inpo", T.ALGOS["inpo"]._replace(step=crash))
+    undo = interrupt_at(monkeypatch, "inpo", 5)
     with pytest.raises(KeyboardInterrupt):
         T.main(toy(tmp_path, **kw))
     run = tmp_path / "inpo"
     with open(run / "log.jsonl", "a") as f:
         f.write('{"step": 5, "gap": 0.01')                    # torn by the crash
     assert (run / "log.jsonl").read_text().count("\n") == 5
-    monkeypatch.setitem(T.ALGOS, "inpo", T.ALGOS["inpo"]._replace(step=step))
+    undo()
     drawn = []
     monkeypatch.setattr(T, "plot", lambda logs, path, closed=None: drawn.append(logs))
     T.main(toy(tmp_path, **kw, resume=True))

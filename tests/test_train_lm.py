@@ -36,6 +36,18 @@ def adapters(ckpt):
     return {p.parent.name: load_file(p) for p in sorted(Path(ckpt).glob("*/adapter_model.safetensors"))}
 
 
+def interrupt_at(monkeypatch, algo, at):
+    """Make ALGOS[algo]'s step raise KeyboardInterrupt (a Ctrl-C) at step `at`; returns what undoes it."""
+    step = T.ALGOS[algo].step
+
+    def crash(model, task, cfg, k, rng, i):
+        if i == at:
+            raise KeyboardInterrupt
+        return step(model, task, cfg, k, rng, i)
+    monkeypatch.setitem(T.ALGOS, algo, T.ALGOS[algo]._replace(step=crash))
+    return lambda: monkeypatch.setitem(T.ALGOS, algo, T.ALGOS[algo]._replace(step=step))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the toy game
 
@@ -65,14 +77,16 @@ def test_sequence_logprob_of_a_sample_is_its_table_entry():
 
 @pytest.mark.parametrize("algo", ["inpo", "nash_md_pg", "maio_pg"])
 def test_toy_convergence(tmp_path, algo):
-    """Shortened default run: the exact gap of the algorithm's yardstick (DualGap_τ for INPO and Nash-MD-PG,
-    DualGap_0 for MAIO-PG) falls at least 3x (the full run: 10x and 5x, see the README)."""
-    recs = T.main(toy(tmp_path, algo=algo, max_steps=150))[algo]
-    key = T.ALGOS[algo].gap
+    """The default run (its steps, seed and hyperparameters, as `python train_lm.py` runs it): the exact gap
+    of the algorithm's yardstick (DualGap_τ for INPO and Nash-MD-PG, DualGap_0 for MAIO-PG) falls at least 5x
+    (README: 11x, 21x and 6.5x at this seed; 5.7x the least of three seeds). A shortened run is no test
+    here: with the cosine schedule compressed, INPO's last iterate is caught mid-oscillation."""
+    recs = T.main(toy(tmp_path, algo=algo))[algo]
+    key, steps = T.ALGOS[algo].gap, T.ALGOS[algo].tiny[0]
     gaps = [r[key] for r in recs if key in r]
-    assert gaps[-1] < gaps[0] / 3, gaps
+    assert gaps[-1] < gaps[0] / 5, gaps
     log = [json.loads(line) for line in (tmp_path / algo / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == list(range(0, 150, 5)) + [149, 150]
+    assert [r["step"] for r in log] == list(range(0, steps, 5)) + [steps - 1, steps]
     assert (all({"loss", "gap", "gap0"} <= set(r) for r in log[:-2])
             and (tmp_path / algo / "plot.png").is_file())
 
@@ -87,16 +101,10 @@ def test_resume_is_bit_exact(tmp_path, monkeypatch, algo):
     travels in the checkpoint), are those of the straight run."""
     kw = dict(algo=algo, max_steps=6, samples=2, save_every=3, iter_steps=2, log_every=1)
     T.main(toy(tmp_path / "straight", **kw))
-    step = T.ALGOS[algo].step
-
-    def crash(model, task, cfg, k, rng, i):
-        if i == 4:
-            raise KeyboardInterrupt
-        return step(model, task, cfg, k, rng, i)
-    monkeypatch.setitem(T.ALGOS, algo, T.ALGOS[algo]._replace(step=crash))
+    undo = interrupt_at(monkeypatch, algo, 4)
     with pytest.raises(KeyboardInterrupt):
         T.main(toy(tmp_path / "resumed", **kw))
-    monkeypatch.setitem(T.ALGOS, algo, T.ALGOS[algo]._replace(step=step))
+    undo()
     T.main(toy(tmp_path / "resumed", resume=True, **kw))
     a = adapters(tmp_path / "straight" / algo / "ckpt_000006")
     b = adapters(tmp_path / "resumed" / algo / "ckpt_000006")
