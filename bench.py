@@ -133,7 +133,11 @@ def bench_generate(cfg, pair):
             lambda: hf.generate(prompts, attention_mask=torch.ones_like(prompts), **kw),
             cfg.repeats, cfg.clock)
         out.append(result(f"generate {name} (B={cfg.batch}, prompt {cfg.prompt_len}, {cfg.new_tokens} new)",
-                          n / t_ours, n / t_ref, "tokens/s"))
+                          n / t_ours, n / t_ref, "tokens/s", notes=f"{1e3 * t_ours / cfg.new_tokens:.2f} ms "
+                          f"per decode step (transformers {1e3 * t_ref / cfg.new_tokens:.2f} ms)"))
+    h, W = torch.randn(cfg.batch, cfg.hidden), ours.lm_head.weight
+    lm_head = timed_pair(lambda: h @ W.T, lambda: None, 50, cfg.clock)[0]      # warm: in a loop of its own
+    out[0]["notes"] += f"; the lm_head matmul alone (B={cfg.batch}, warm) {1e3 * lm_head:.2f} ms"
     return out
 
 

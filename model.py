@@ -286,7 +286,7 @@ class KVCache:
     of the n slots written so far. `real` (B, max_len) marks the slots holding real tokens, `seen` (B,) counts
     them (the next RoPE position); `padded`: some slot is not real, else decoding needs no mask at all (as
     transformers drops an all-ones mask). Reading all max_len slots would keep shapes static for a compiled
-    step; on CPU it made eager decoding 13% slower at 128 new tokens, and compiling did not pay (README)."""
+    step, but made eager decoding slower here, and compiling did not pay on CPU (README)."""
     def __init__(self, config, batch_size, max_len, device="cpu", dtype=torch.float32):
         if max_len > config.block_size:
             raise ValueError(f"{max_len} tokens is longer than the model's block_size {config.block_size}; "

@@ -428,8 +428,8 @@ def memory(c, cfg, dtype_bytes=2):
       scoring       the log-probs taken without a graph (π_t, μ, an opponent), before the graph is built:
                     float32 logits at the response positions and their exp (the logsumexp), S·n/M rows
       activations   what autograd keeps per token and layer (q, k, v, attention out, gate_up, silu, and the
-                    float32 LoRA inputs and bottlenecks) and the logits, then in backward three more logits-
-                    sized buffers (gather's and logsumexp's gradients and their sum), for S·g/M rows (r, g, n:
+                    float32 LoRA inputs and bottlenecks) and cross_entropy's log-softmax, then in backward two
+                    more logits-sized buffers (its gradient and the logits'), for S·g/M rows (r, g, n:
                     ALGOS[algo].rows). With --grad_checkpoint: each block's input, plus one block's
                     activations while it is recomputed. The CPU and CUDA attention kernels both keep only
                     the output and its logsumexp (no T x T matrix), so the estimate is the same on both.
@@ -446,7 +446,7 @@ def memory(c, cfg, dtype_bytes=2):
              adapters=4 * lora * len(algo.adapters) + 12 * lora * algo.trained,
              kv_cache=int(gen_rows * S * T * L * 2 * kv * dtype_bytes),
              scoring=int(free_rows * S * 2 * N * V * 4),
-             activations=int(graph_rows * S * (kept + 4 * N * V * 4)))
+             activations=int(graph_rows * S * (kept + 3 * N * V * 4)))
     d["total"] = d["base"] + d["adapters"] + max(d["kv_cache"], d["scoring"], d["activations"])
     return d
 
