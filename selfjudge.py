@@ -41,19 +41,14 @@ RUNS = [  # (run name, algorithm, the judge: "oracle", "self" or "noisy")
 def teach_judge(model, task, labels, steps=800, lr=3e-4):
     """Fit the base's P̂(y ≻ y') (TOY_JUDGE, answer "1" vs "2") to labels (K, n, n) by full-batch Adam on the
     soft cross-entropy −[p log P̂ + (1 − p) log(1 − P̂)] over every prompt and ordered pair."""
-    ys, K = task.responses(), len(task.prompts)
-    pairs = [(k, a, b) for k in range(K) for a in ys for b in ys]
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    target = labels.flatten().float()                                 # (K·n·n,)
     for _ in range(steps):
-        lg = task.judge.logits(model, [k for k, _, _ in pairs], [a for _, a, _ in pairs],
-                               [b for *_, b in pairs], None)
-        loss = F.binary_cross_entropy_with_logits(lg[:, 0] - lg[:, 1], target)
+        loss = F.binary_cross_entropy_with_logits(task.judge.margins(model, None, task), labels.float())
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.requires_grad_(False)
-    return (task.judge.table(model, None, task) - task.P).abs().mean().item()
+    return (torch.sigmoid(task.judge.margins(model, None, task).double()).cpu() - task.P).abs().mean().item()
 
 
 def noisy_labels(P, m, gen):
@@ -85,8 +80,9 @@ def main(out="out/self_judge", figure="figures/self_judge.png", steps=200, m=8, 
         logs[name] = train_lm.train(cfg, Path(out) / name, built=built)
     print(f"\nexact gaps against the true P after {steps} steps (last | average iterate) and the judge's "
           "mean error |P̂ − P| (start -> end):")
-    for name, recs in logs.items():
-        key, end = ("gap" if name in ("inpo", "nash_md_pg") else "gap0"), recs[-1]
+    for name, algo, _ in RUNS:
+        recs = logs[name]
+        key, end = train_lm.ALGOS[algo].gap, recs[-1]
         err = [r["judge_err"] for r in recs if "judge_err" in r]
         kind = "DualGap_τ" if key == "gap" else "DualGap_0"
         print(f"  {name:13s} {kind} {recs[0][key]:.3e} -> {end[key]:.3e}"
@@ -105,11 +101,11 @@ def plot(logs, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for name, recs in logs.items():
-        algo = name.split("_self")[0].split("_oracle")[0].split("_noisy")[0]
-        style = {"oracle": ":", "noisy": "-.", "self": "-"}.get(name.rsplit("_", 1)[-1], "--")  # --: base
-        color, steps = games.COLORS.get(algo), [r["step"] for r in recs if "gap" in r]
-        if algo in ("inpo", "nash_md_pg"):
+    for name, algo, judge in RUNS:
+        recs, spec = logs[name], train_lm.ALGOS[algo]
+        style = {"oracle": ":", "noisy": "-."}.get(judge, "-" if any(spec.judges) else "--")   # --: the base
+        color, steps = games.COLORS.get(algo.removesuffix("_self")), [r["step"] for r in recs if "gap" in r]
+        if spec.gap == "gap":
             axes[1].plot(steps, [r["gap"] for r in recs if "gap" in r], style, color=color, label=name)
         else:
             axes[0].plot(steps, [r["gap0"] for r in recs if "gap" in r], style, color=color,

@@ -76,6 +76,7 @@ class ToyTask:
         logp = sequence_logprobs(model, tokens.to(dev), mask.to(dev), resp.to(dev), adapter, self.vocab)
         return logp.double().exp().view(len(self.prompts), -1).cpu()
 
+    @torch.no_grad()
     def measure(self, model, judges, avg):
         """judges: trained adapter -> the adapter judging it. For each: mean DualGap_τ (to π*_τ of (P, μ, τ))
         and DualGap_0 (to the NE) of its policy and of its average iterate (the mean of the tables logged so
@@ -91,7 +92,8 @@ class ToyTask:
                 out[f"{pre}gap{end}"] = nano_nash.duality_gap(self.P, p, mu, self.tau).mean().item()
                 out[f"{pre}gap0{end}"] = nano_nash.duality_gap(self.P, p).mean().item()
             if isinstance(self.judge, SelfJudge):
-                out[f"judge_err{end}"] = (self.judge.table(model, judge, self) - self.P).abs().mean().item()
+                p_hat = torch.sigmoid(self.judge.margins(model, judge, self).double()).cpu()
+                out[f"judge_err{end}"] = (p_hat - self.P).abs().mean().item()
         return out
 
 
@@ -128,14 +130,11 @@ class SelfJudge:
         swapped = self.logits(model, r1.k, *ys[::-1], adapters) if both_orders else None
         return nano_nash.judge_preference(self.logits(model, r1.k, *ys, adapters), swapped)
 
-    @torch.no_grad()
-    def table(self, model, adapter, task):
-        """P̂(y ≻ y') for every prompt and ordered pair of the toy task's responses: (K, n, n)."""
+    def margins(self, model, adapter, task):
+        """logit(P̂(y ≻ y')) = logit "1" − logit "2" for every prompt and ordered toy pair: (K, n, n)."""
         ys, K = task.responses(), len(self.user)
-        pairs = [(k, a, b) for k in range(K) for a in ys for b in ys]
-        lg = self.logits(model, [k for k, _, _ in pairs], [a for _, a, _ in pairs], [b for *_, b in pairs],
-                         adapter)
-        return torch.sigmoid(lg[:, 0].double() - lg[:, 1].double()).view(K, len(ys), len(ys)).cpu()
+        lg = self.logits(model, *zip(*[(k, a, b) for k in range(K) for a in ys for b in ys]), adapter)
+        return (lg[:, 0] - lg[:, 1]).view(K, len(ys), len(ys))
 
 
 class ChatTask:
@@ -149,6 +148,7 @@ class ChatTask:
         self.prompts = [tok.chat(u) for u in self.user]
         self.judge = SelfJudge(tok, self.user, JUDGE)
 
+    @torch.no_grad()
     def measure(self, model, judges, avg):
         return {}                                       # no exact yardstick for a real LM
 

@@ -202,14 +202,14 @@ def step_maio_pg(model, task, cfg, k, rng, step, judge=None):
     (judge="policy": the policy judges itself, which selfjudge.py measures). The duel is not decided by a
     coin: its winner is a with probability P(a ≻ b), so P(y ≻ ỹ) is replaced by its mean
     P(a ≻ b) P(y ≻ a) + P(b ≻ a) P(y ≻ b) (the same expected gradient, less noise)."""
-    S = len(k)
+    i = torch.arange(len(k), device=k.device)
     r = sample(model, task, cfg, k, "policy", rng(3, cfg.max_new_tokens))       # rows [y; a; b] ~ π_θ
-    y, a, b = r.take(slice(0, S)), r.take(slice(S, 2 * S)), r.take(slice(2 * S, None))
-    p_ab, st = task.judge(model, a, b, judge, cfg.judge_both_orders)
-    p_ya, _ = task.judge(model, y, a, judge, cfg.judge_both_orders)
-    p_yb, _ = task.judge(model, y, b, judge, cfg.judge_both_orders)
+    y, a, b = i, i + len(k), i + 2 * len(k)
+    pref, st = task.judge(model, r.take(torch.cat([a, y, y])), r.take(torch.cat([b, a, b])), judge,
+                          cfg.judge_both_orders)                     # one call: (a, b), (y, a), (y, b)
+    p_ab, p_ya, p_yb = pref.split(len(k))
     pref_y = p_ab * p_ya + (1 - p_ab) * p_yb                       # E[P(y ≻ ỹ)] over the duel's winner ỹ
-    loss, s = nano_nash.pg_loss(score(model, task, y, "policy", grad=True), pref_y)
+    loss, s = nano_nash.pg_loss(score(model, task, r.take(y), "policy", grad=True), pref_y)
     return loss, {**st, **s, "win": pref_y.mean(), "ntok": r.resp.sum()}
 
 
@@ -426,7 +426,7 @@ def memory(c, cfg, dtype_bytes=2):
       adapters      float32 A, B of each adapter; its gradient (4 bytes) and AdamW's m, v (8) if trained
       kv_cache      one generate call: rows · T · n_layer · 2 (k, v) · n_kv_head · head_dim, rows = S·r/M
       scoring       the log-probs taken without a graph (π_t, μ, an opponent), before the graph is built:
-                    float32 logits at the response positions and their exp (the logsumexp), S·n/M rows
+                    float32 logits at the response positions and cross_entropy's log-softmax, S·n/M rows
       activations   what autograd keeps per token and layer (q, k, v, attention out, gate_up, silu, and the
                     float32 LoRA inputs and bottlenecks) and cross_entropy's log-softmax, then in backward two
                     more logits-sized buffers (its gradient and the logits'), for S·g/M rows (r, g, n:
