@@ -68,7 +68,7 @@ def build(model_cfg, flags, device, dtype):
 
     def step():
         loss, _ = train_lm.forward_backward(cfg, model, task, algo, k, lambda *shape: torch.rand(
-            S, *shape, generator=gen, device=device), 1)
+            S, *shape, generator=gen, device=device), gen, 1)
         opt.step()
         opt.zero_grad(set_to_none=True)
     return model, c, cfg, step

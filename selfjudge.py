@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import games
+import plots
 import train_lm
 from tasks import ToyTask
 
@@ -91,39 +91,12 @@ def main(out="out/self_judge", figure="figures/self_judge.png", steps=200, m=8, 
         if "gap0_player2" in end:
             print(f"  {'':13s} player 2: {end['gap0_player2']:.3e} | average {end['avg_gap0_player2']:.3e}"
                   + (f" | judge error {end['judge_err_player2']:.3f}" if "judge_err_player2" in end else ""))
-    plot(logs, figure)
+    styles = [{"oracle": ":", "noisy": "-."}.get(j, "-" if any(train_lm.ALGOS[a].judges) else "--")
+              for _, a, j in RUNS]                                # -: a self-judge, --: the frozen base
+    plots.self_judge({n: (a.removesuffix("_self"), s, train_lm.ALGOS[a].gap, logs[n])
+                      for (n, a, _), s in zip(RUNS, styles)}, Path(figure))
     print(f"wrote {figure} in {time.time() - t0:.0f} s")
     return logs
-
-
-def plot(logs, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for name, algo, judge in RUNS:
-        recs, spec = logs[name], train_lm.ALGOS[algo]
-        style = {"oracle": ":", "noisy": "-."}.get(judge, "-" if any(spec.judges) else "--")   # --: the base
-        color, steps = games.COLORS.get(algo.removesuffix("_self")), [r["step"] for r in recs if "gap" in r]
-        if spec.gap == "gap":
-            axes[1].plot(steps, [r["gap"] for r in recs if "gap" in r], style, color=color, label=name)
-        else:
-            axes[0].plot(steps, [r["gap0"] for r in recs if "gap" in r], style, color=color,
-                         label=f"{name} last")
-            axes[0].plot(steps, [r["avg_gap0"] for r in recs if "gap" in r], style, color=color, alpha=0.4,
-                         lw=3, label=f"{name} average")
-        err = [(r["step"], r["judge_err"]) for r in recs if "judge_err" in r]
-        if err:
-            axes[2].plot(*zip(*err), style, color=color, label=name)
-    titles = ("unregularised: DualGap_0 to the true NE", "regularised (base judge): DualGap_τ, τ = 0.1",
-              "error of the judge each policy trains against: mean |P̂ − P|")
-    for ax, title in zip(axes, titles):
-        ax.set(xlabel="SGD step", title=title, yscale="log" if ax is not axes[2] else "linear")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ Reading order: the config; the pieces of a step (sample, judge, score, duel); on
 and the registry ALGOS (each algorithm's step, adapters, yardstick, memory rows and defaults); the loop; eval;
 --dry_run; main. The loop and the steps are the same for the toy game and the real run: both are a task
 (tasks.py). The losses are in nano_nash.py; weights on disk in weights.py; checkpoints, resume and torchrun in
-runs.py. Simplifications: one gradient step per batch; duel labels are sampled (y wins with probability
-P(y ≻ y'), INPO's λ_p); the real run samples at temperature 0.1 (LANA's setting), which the theory of INPO and
-Nash-MD-PG (y ~ π) does not cover.
+runs.py; the figures in plots.py. Simplifications: one gradient step per batch; duel labels are sampled (y
+wins with probability P(y ≻ y'), INPO's λ_p); the real run samples at temperature 0.1 (LANA's setting), which
+the theory of INPO and Nash-MD-PG (y ~ π) does not cover.
 """
 import argparse
 import hashlib
@@ -29,12 +29,11 @@ import torch
 
 import games
 import nano_nash
+import plots
 from model import GPTConfig, generate, sequence_logprobs
 from runs import Interrupts, Run, Shard, UserError, all_reduce, distributed
 from tasks import Rollout, find_weights, setup
 from weights import CheckpointError, load_adapter, read_config
-
-ROOT = Path(__file__).resolve().parent
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -95,7 +94,6 @@ CHECKS = [  # (flags, what must hold, what it must be): every flag is checked he
     (["adam_beta1", "mix_beta"], lambda v: 0 <= v < 1, "in [0, 1)"),
     (["label_noise"], lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
     (["seed"], lambda v: 0 <= v < 2**63, "an integer in [0, 2^63)"),
-    (["model"], lambda v: v in ("tiny", "phi3"), "tiny or phi3"),
     (["dtype"], lambda v: v in ("auto", "bfloat16", "float32"), "auto, bfloat16 or float32"),
 ]
 
@@ -116,6 +114,7 @@ def check(cfg):
         raise UserError("--prompts and --weights apply to --model phi3; the toy game has its own")
     if not toy and cfg.label_noise:
         raise UserError("--label_noise is for the toy game (--model tiny), whose judge is an oracle")
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -253,9 +252,9 @@ MATH = ["model", "algo", "base", "prompts_sha", "batch_size", "samples", "lr", "
 
 
 def resolve(cfg, algo):
-    """cfg for one algorithm: its None fields from ALGOS[algo].tiny or .phi3."""
+    """cfg for one algorithm, checked: its None fields from ALGOS[algo].tiny or .phi3."""
     table = dict(zip(HPARAMS, getattr(ALGOS[algo], cfg.model)))
-    return replace(cfg, algo=algo, **{k: v for k, v in table.items() if getattr(cfg, k) is None})
+    return check(replace(cfg, algo=algo, **{k: v for k, v in table.items() if getattr(cfg, k) is None}))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -286,7 +285,7 @@ def train(cfg, path, shard=Shard(), built=None):
               + f", {shard.world} processes" * (shard.world > 1))
         loop(cfg, model, task, algo, run, opt, gen, params, state, base, shard)
         if run.writer:
-            plot({path.name: run.records()}, path / "plot.png")
+            plots.lm_convergence({path.name: (algo.gap, run.records())}, path / "plot.png")
         return run.records()
 
 
@@ -318,7 +317,7 @@ def loop(cfg, model, task, algo, run, opt, gen, params, state, base, shard):
             k = perm[:cfg.batch_size].repeat_interleave(cfg.samples)[shard.mine(slots)]
             opt.zero_grad(set_to_none=True)
             try:
-                loss, st = forward_backward(cfg, model, task, algo, k, rng, step)
+                loss, st = forward_backward(cfg, model, task, algo, k, rng, gen, step)
             except FloatingPointError:
                 raise diverged(step, "the model's logits are not finite") from None
             vals = all_reduce(params, [loss, *st.values()], shard)
@@ -349,22 +348,17 @@ def loop(cfg, model, task, algo, run, opt, gen, params, state, base, shard):
     run.finish()
 
 
-def forward_backward(cfg, model, task, algo, k, rng, step):
+def forward_backward(cfg, model, task, algo, k, rng, gen, step):
     """The algorithm's step on the slots k and its backward, in cfg.micro_batches chunks whose gradients add
     up (each chunk's loss weighted by its share of the slots): the gradient of one big step, a fraction of its
-    activation memory. Each chunk takes its slots of the same global draws: the samples do not depend on the
-    number of chunks. Returns the loss and the statistics (means over the slots; ntok a sum)."""
-    draws, loss, stats = [], 0.0, {}
+    activation memory. Each chunk restarts gen (rng's generator) at the step's state, so it draws the step's
+    numbers again and keeps its own slots: the samples do not depend on the number of chunks. Returns the loss
+    and the statistics (means over the slots; ntok a sum)."""
+    at, loss, stats = gen.get_state(), 0.0, {}
     model.checkpointing = cfg.grad_checkpoint
     for c in torch.arange(len(k), device=k.device).tensor_split(cfg.micro_batches):
-        calls = iter(range(1 << 30))
-
-        def chunk_rng(*shape):                                # the i-th draw of the step, this chunk's slots
-            i = next(calls)
-            if i == len(draws):
-                draws.append(rng(*shape))
-            return draws[i][c]
-        part, st = algo.step(model, task, cfg, k[c], chunk_rng, step)
+        gen.set_state(at)                                     # the step's draws again, this chunk's slots
+        part, st = algo.step(model, task, cfg, k[c], lambda *shape: rng(*shape)[c], step)
         (part * len(c) / len(k)).backward()
         loss = loss + part.detach() * len(c) / len(k)
         for key, v in st.items():
@@ -468,40 +462,7 @@ def dry_run(cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# plot and main
-
-def plot(runs, path, closed=None):
-    """runs: name -> log records, drawn as the exact gap of their yardstick (toy), else the loss.
-    closed: name -> closed-form curve of games.py for the same games, drawn in a second panel."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2 if closed else 1, figsize=(13 if closed else 6.5, 4.5), squeeze=False)
-    toy = any("gap" in r for recs in runs.values() for r in recs)
-    for name, recs in runs.items():
-        key = ALGOS[name].gap if toy and name in ALGOS else "gap" if toy else "loss"
-        label = f"{name} ({'DualGap_0' if key == 'gap0' else 'DualGap_τ'})" if toy else name
-        pts = [(r["step"], r[key]) for r in recs if key in r]
-        axes[0, 0].plot(*zip(*pts), label=label, color=games.COLORS.get(name), ls=games.LINESTYLES.get(name))
-    axes[0, 0].set(xlabel="SGD step", ylabel="exact gap, mean over prompts" if toy else "loss",
-                   yscale="log" if toy else "linear", title="tiny Phi-3 + LoRA, toy games" if toy else "")
-    axes[0, 0].legend(fontsize=8)
-    for name, (x, curve) in (closed or {}).items():
-        axes[0, 1].plot(x, curve, label=name, color=games.COLORS.get(name), ls=games.LINESTYLES.get(name))
-    if closed:
-        axes[0, 1].set(xlabel="expected SGD step (INPO: its closed-form iteration every iter_steps steps)",
-                       yscale="log", title="games.py closed form (lr 3), same P, μ, τ")
-        axes[0, 1].legend(fontsize=8)
-    fig.tight_layout()
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-    except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror or e}); free space or fix permissions (the run "
-                        "itself is saved)") from None
-    finally:
-        plt.close(fig)
-
+# main
 
 def plan(cfg):
     """[(run name, resolved config)]: --algo all (the toy default) runs every algorithm of ALGOS."""
@@ -511,10 +472,7 @@ def plan(cfg):
     if cfg.algo not in ALGOS and not (cfg.algo == "all" and cfg.model == "tiny"):
         raise UserError(f"unknown --algo {cfg.algo!r}; choose one of {', '.join(ALGOS)}"
                         + (" or all" if cfg.model == "tiny" else " (all is the toy game's comparison)"))
-    runs = [(a, resolve(cfg, a)) for a in (ALL if cfg.algo == "all" else [cfg.algo])]
-    for _, sub in runs:
-        check(sub)
-    return runs
+    return [(a, resolve(cfg, a)) for a in (ALL if cfg.algo == "all" else [cfg.algo])]
 
 
 def main(cfg, shard=Shard()):
@@ -540,10 +498,8 @@ def main(cfg, shard=Shard()):
             model, task, _ = setup(sub)
             closed = games.reference_curves(task.P, task.policy(model, None), sub.tau, sub.eta, sub.mix_beta,
                                             sub.max_steps, 3.0)
-            closed = {k: (torch.arange(len(c)) * (sub.iter_steps if k == "inpo" else 1), c)
-                      for k, c in closed.items()}
-            closed["inpo"] = tuple(v[:sub.max_steps // sub.iter_steps + 1] for v in closed["inpo"])
-            plot(logs, ROOT / cfg.figure, closed)
+            plots.lm_convergence({a: (ALGOS[a].gap, recs) for a, recs in logs.items()}, Path(cfg.figure),
+                                 closed, sub.iter_steps)
             print(f"wrote {cfg.figure}")
     return logs
 

@@ -13,6 +13,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import games as G  # noqa: E402
+import plots  # noqa: E402
 from nano_nash import best_response, duality_gap, duel_winner, geometric_mixture, pg_loss  # noqa: E402
 
 F64 = torch.float64
@@ -457,10 +458,11 @@ def test_reference_curves_for_train_lm():
 
 
 def test_one_colour_and_a_distinguishable_style_per_algorithm():
-    names = G.REG + G.UNREG
-    assert set(G.COLORS) == set(G.LINESTYLES) == set(names) and len(set(G.COLORS.values())) == len(names)
-    for family in (G.REG, G.UNREG, ["inpo", "nash_md_pg", "lana", "lana_printed", "maio_pg"]):
-        assert len({str(G.LINESTYLES[a]) for a in family}) == len(family)
+    names = plots.REG + plots.UNREG
+    assert set(plots.COLORS) == set(plots.LINESTYLES) == set(names)
+    assert len(set(plots.COLORS.values())) == len(names)
+    for family in (plots.REG, plots.UNREG, ["inpo", "nash_md_pg", "lana", "lana_printed", "maio_pg"]):
+        assert len({str(plots.LINESTYLES[a]) for a in family}) == len(family)
 
 
 def test_log_iters():

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import plots
 import runs
 import train_lm as T
 import weights
@@ -253,9 +254,9 @@ def test_resume_cuts_the_log_and_the_plot_draws_all_of_it(tmp_path, monkeypatch)
     assert (run / "log.jsonl").read_text().count("\n") == 5
     undo()
     drawn = []
-    monkeypatch.setattr(T, "plot", lambda logs, path, closed=None: drawn.append(logs))
+    monkeypatch.setattr(plots, "lm_convergence", lambda runs, path, *a: drawn.append(runs))
     T.main(toy(tmp_path, **kw, resume=True))
-    assert steps(run) == list(range(7)) and [r["step"] for r in drawn[0]["inpo"]] == list(range(7))
+    assert steps(run) == list(range(7)) and [r["step"] for r in drawn[0]["inpo"][1]] == list(range(7))
 
 
 def test_checkpoints_carry_a_format_version_and_another_is_refused(tmp_path):
