@@ -215,7 +215,7 @@ class GPT(nn.Module):
     def forward(self, idx, adapters=None, cache=None, mask=None, last_only=False):
         """idx (B, T) -> logits (B, T, V), or (B, 1, V) with last_only (what a prefill needs)."""
         h = self.trunk(idx, adapters, cache, mask)
-        return self.lm_head(h[:, -1:] if last_only else h)
+        return self.lm_head(h[:, -1:].contiguous() if last_only else h)     # (a strided view: a batched mm)
 
     # ------------------------------------------------------------------------------------------------------
     # LoRA adapters: named, all on the four linear layers of every block
@@ -394,11 +394,10 @@ def generate(model, prompts, max_new_tokens, *, adapters=None, mix_beta=0.0, mix
     done = torch.zeros(B, dtype=torch.bool, device=device)
     finite = torch.ones((), dtype=torch.bool, device=device)
 
-    def mix(logits):                     # (B + M, V) -> the B rows' next-token logits, up to a constant
-        lp = logits[:B].float()
+    def mix(logits):                     # (B + M, V) -> the B rows' next-token logits, up to a constant:
+        lp = logits[:B].float()          # log π − log Z shifts a row by a constant, which sampling ignores
         if len(twins):
-            lp = lp.log_softmax(-1)
-            lp[twins] = (1 - beta[twins]) * lp[twins] + beta[twins] * logits[B:].float().log_softmax(-1)
+            lp[twins] = torch.lerp(lp[twins], logits[B:].float(), beta[twins])      # (1 − β) lp + β lp_twin
         return lp if bias is None else lp + bias
 
     lp, n = mix(logits), 0
