@@ -123,7 +123,8 @@ def test_micro_batches_and_checkpointing_take_the_same_steps(tmp_path, algo):
     to the gradient of one batch: after 3 steps the adapters agree within 2e-5 (float32 sums in another
     order; measured ≤ 4e-6), while other samples (another seed) move LoRA B, which starts at 0, by ≥ 7e-4."""
     kw = dict(algo=algo, max_steps=3, samples=2, iter_steps=2, log_every=1)
-    for name, extra in [("one", {}), ("four", dict(micro_batches=4, grad_checkpoint=True)), ("seed", {"seed": 1})]:
+    runs = {"one": {}, "four": dict(micro_batches=4, grad_checkpoint=True), "seed": {"seed": 1}}
+    for name, extra in runs.items():
         T.main(toy(tmp_path / name, **kw, **extra))
     one, four, seed = (adapters(tmp_path / name / algo / "ckpt_000003") for name in ("one", "four", "seed"))
     assert max((one[n][k] - four[n][k]).abs().max() for n in one for k in one[n]) < 2e-5
