@@ -215,7 +215,7 @@ class GPT(nn.Module):
     def forward(self, idx, adapters=None, cache=None, mask=None, last_only=False):
         """idx (B, T) -> logits (B, T, V), or (B, 1, V) with last_only (what a prefill needs)."""
         h = self.trunk(idx, adapters, cache, mask)
-        return self.lm_head(h[:, -1:].contiguous() if last_only else h)     # (a strided view: a batched mm)
+        return self.lm_head(h[:, -1:].contiguous() if last_only else h)   # a strided view: a batched matmul
 
     # ------------------------------------------------------------------------------------------------------
     # LoRA adapters: named, all on the four linear layers of every block

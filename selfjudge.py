@@ -48,7 +48,7 @@ def teach_judge(model, task, labels, steps=800, lr=3e-4):
         loss.backward()
         opt.step()
     model.requires_grad_(False)
-    return (torch.sigmoid(task.judge.margins(model, None, task).double()).cpu() - task.P).abs().mean().item()
+    return task.judge.error(model, None, task)
 
 
 def noisy_labels(P, m, gen):

@@ -78,10 +78,9 @@ class ToyTask:
 
     @torch.no_grad()
     def measure(self, model, judges, avg):
-        """judges: trained adapter -> the adapter judging it. For each: mean DualGap_τ (to π*_τ of (P, μ, τ))
-        and DualGap_0 (to the NE) of its policy and of its average iterate (the mean of the tables logged so
-        far; avg is updated in place), and a self-judge's mean error |P̂ − P| over all pairs. Keys of the
-        second adapter end in "_<name>"."""
+        """judges: trained adapter -> the adapter judging it. For each, the mean DualGap_τ (to π*_τ) and
+        DualGap_0 (to the NE) of its policy and of its average iterate (the mean of the tables logged so far;
+        avg is updated in place), and a self-judge's error |P̂ − P|. Keys of adapter 2 end in "_<name>"."""
         mu, out = self.policy(model, None), {}
         for i, (a, judge) in enumerate(judges.items()):
             pi = self.policy(model, a)
@@ -92,8 +91,7 @@ class ToyTask:
                 out[f"{pre}gap{end}"] = nano_nash.duality_gap(self.P, p, mu, self.tau).mean().item()
                 out[f"{pre}gap0{end}"] = nano_nash.duality_gap(self.P, p).mean().item()
             if isinstance(self.judge, SelfJudge):
-                p_hat = torch.sigmoid(self.judge.margins(model, judge, self).double()).cpu()
-                out[f"judge_err{end}"] = (p_hat - self.P).abs().mean().item()
+                out[f"judge_err{end}"] = self.judge.error(model, judge, self)
         return out
 
 
@@ -136,6 +134,9 @@ class SelfJudge:
         lg = self.logits(model, *zip(*[(k, a, b) for k in range(K) for a in ys for b in ys]), adapter)
         return (lg[:, 0] - lg[:, 1]).view(K, len(ys), len(ys))
 
+    def error(self, model, adapter, task):                       # mean |P̂ − P| over every toy pair
+        return (torch.sigmoid(self.margins(model, adapter, task).double()).cpu() - task.P).abs().mean().item()
+
 
 class ChatTask:
     """Real prompts (cut to max_prompt_tokens); the model judges itself with JUDGE (SelfJudge)."""
@@ -148,7 +149,6 @@ class ChatTask:
         self.prompts = [tok.chat(u) for u in self.user]
         self.judge = SelfJudge(tok, self.user, JUDGE)
 
-    @torch.no_grad()
     def measure(self, model, judges, avg):
         return {}                                       # no exact yardstick for a real LM
 
