@@ -3,6 +3,7 @@
     python bench.py --json out/bench.json    # forward, generation, training steps, memory; tiny random Phi-3
     python bench.py --quick                  # fast sanity run (short sequences, 2 repeats, one TRL step)
     python bench.py --step-tokens 32 128     # training steps at T = 32 and 128 new tokens (TRL: minutes)
+    python bench.py --eager                  # ours eager only (else also through generate(compile=True))
     python bench.py --only memory            # one step's memory, ours vs the peers' layout (no timing)
     python bench.py --load-rss --only none   # peak RSS while loading a ~1 GB checkpoint
     .venv-bench/bin/python bench.py          # with TRL (requirements-bench.txt): the Nash-MD-PG step's peer
@@ -70,6 +71,7 @@ class BenchConfig:
     mix_beta: float = 0.5          # Nash-MD-PG's mixture coefficient (TRL's mixture_coef default)
     temperature: float = 0.9       # TRL's default sampling temperature
     tau: float = 0.1               # Nash-MD-PG's KL coefficient (TRL's beta default); others: phi3 presets
+    compile: bool = True           # also time ours through generate(compile=True) (--eager: eager only)
 
 
 def timed_pair(ours, reference, repeats, clock):
@@ -89,6 +91,11 @@ def timed_pair(ours, reference, repeats, clock):
 def result(name, ours, reference, unit, higher_is_better=True, notes=""):
     ratio = ours / reference if higher_is_better else reference / ours
     return dict(name=name, ours=ours, reference=reference, ratio=ratio, unit=unit, notes=notes)
+
+
+def modes(cfg):
+    """Ours eager, and compiled (generate(compile=True)) unless --eager."""
+    return (False, True) if cfg.compile else (False,)
 
 
 def tiny_pair(cfg, folder):
@@ -123,18 +130,23 @@ def bench_generate(cfg, pair):
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, cfg.vocab, (cfg.batch, cfg.prompt_len), generator=g)
     n, out = cfg.batch * cfg.new_tokens, []
-    for name, temp in (("greedy", 0.0), ("sample T=1", 1.0)):
+    for (name, temp), comp in itertools.product((("greedy", 0.0), ("sample T=1", 1.0)), modes(cfg)):
         kw = dict(do_sample=temp > 0, max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens,
                   pad_token_id=0, eos_token_id=None)
         if temp > 0:
             kw.update(temperature=temp, top_p=1.0, top_k=0)
-        t_ours, t_ref = timed_pair(
-            lambda: generate(ours, prompts.tolist(), cfg.new_tokens, temperature=temp, generator=g),
-            lambda: hf.generate(prompts, attention_mask=torch.ones_like(prompts), **kw),
-            cfg.repeats, cfg.clock)
-        out.append(result(f"generate {name} (B={cfg.batch}, prompt {cfg.prompt_len}, {cfg.new_tokens} new)",
+        def run():
+            return generate(ours, prompts.tolist(), cfg.new_tokens, temperature=temp, generator=g,
+                            compile=comp)
+        t0 = time.perf_counter()
+        run()                                            # compiles, the first time a shape is seen
+        first = time.perf_counter() - t0
+        t_ours, t_ref = timed_pair(run, lambda: hf.generate(prompts, attention_mask=torch.ones_like(prompts),
+                                                            **kw), cfg.repeats, cfg.clock)
+        out.append(result(f"generate {name}{', compiled' * comp} (B={cfg.batch}, {cfg.new_tokens} new)",
                           n / t_ours, n / t_ref, "tokens/s", notes=f"{1e3 * t_ours / cfg.new_tokens:.2f} ms "
-                          f"per decode step (transformers {1e3 * t_ref / cfg.new_tokens:.2f} ms)"))
+                          f"per decode step (transformers {1e3 * t_ref / cfg.new_tokens:.2f} ms); first call "
+                          f"{first:.1f} s"))
     h, W = torch.randn(cfg.batch, cfg.hidden), ours.lm_head.weight
     lm_head = timed_pair(lambda: h @ W.T, lambda: None, 50, cfg.clock)[0]      # warm: in a loop of its own
     out[0]["notes"] += f"; the lm_head matmul alone (B={cfg.batch}, warm) {1e3 * lm_head:.2f} ms"
@@ -192,13 +204,13 @@ def step_profile(task):
             setattr(obj, name, fn) if fn is not None else delattr(obj, name)
 
 
-def our_steps(cfg, algo, T, n_steps):
-    """Seconds of n_steps steps of ALGOS[algo].step + backward + AdamW (after one warm-up step), the median
-    step's profile, and the sampled response tokens per step (the step's ntok)."""
+def our_steps(cfg, algo, T, n_steps, comp):
+    """Seconds of n_steps steps of ALGOS[algo].step + backward + AdamW (after one warm-up step, which compiles
+    with comp), the median step's profile, and the sampled response tokens per step (the step's ntok)."""
     spec = train_lm.ALGOS[algo]
     tcfg = train_lm.resolve(train_lm.TrainConfig(
         model="phi3", batch_size=cfg.batch, samples=1, max_new_tokens=T, temperature=cfg.temperature,
-        mix_beta=cfg.mix_beta, tau=cfg.tau if algo == "nash_md_pg" else None), algo)
+        mix_beta=cfg.mix_beta, tau=cfg.tau if algo == "nash_md_pg" else None, compile=comp), algo)
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=cfg.vocab, n_layer=cfg.layers, n_head=cfg.heads, n_kv_head=cfg.heads,
                           n_embd=cfg.hidden, intermediate_size=cfg.step_intermediate))
@@ -232,12 +244,12 @@ def our_steps(cfg, algo, T, n_steps):
 def bench_steps(cfg, pair=None):
     """One full training step per algorithm. Nash-MD-PG against TRL's NashMDTrainer (bench_trl.py) when trl is
     installed; LANA and INPO have no peer (absolute numbers). Ratio: TRL seconds / our seconds."""
-    out, have_trl = [], importlib.util.find_spec("trl") is not None
+    out, have_trl, trl = [], importlib.util.find_spec("trl") is not None, {}
     for T in cfg.step_tokens:
-        for algo in LABELS:
-            times, prof, ntok, tok_name = our_steps(cfg, algo, T, cfg.steps)
+        for algo, comp in itertools.product(LABELS, modes(cfg)):
+            times, prof, ntok, tok_name = our_steps(cfg, algo, T, cfg.steps, comp)
             ours_s = statistics.median(times)
-            name = f"{LABELS[algo]} train step (B={cfg.batch}, prompt {cfg.prompt_len}, {T} new)"
+            name = f"{LABELS[algo]} train step{', compiled' * comp} (B={cfg.batch}, {T} new)"
             notes = (f"ours: train_lm.ALGOS[{algo!r}].step + backward + AdamW, LoRA r=16 on a random Phi-3 "
                      f"(hidden {cfg.hidden}, {cfg.layers} layers, {cfg.heads} heads, intermediate "
                      f"{cfg.step_intermediate}, vocab {cfg.vocab}), {tok_name}, self-judge (the model reads "
@@ -251,15 +263,18 @@ def bench_steps(cfg, pair=None):
                 r["notes"] += "; reference skipped: trl not installed (.venv-bench, requirements-bench.txt)"
             elif algo == "nash_md_pg":
                 from bench_trl import trl_nash_md_step
-                ref = trl_nash_md_step(hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, vocab=cfg.vocab,
-                                       batch=cfg.batch, prompt_len=cfg.prompt_len, new_tokens=T,
-                                       mixture_coef=cfg.mix_beta, steps=cfg.trl_steps, threads=cfg.threads)
-                torch.set_num_threads(cfg.threads)
-                times += our_steps(cfg, algo, T, cfg.steps)[0]     # ours again: load drifts, so both sides
-                ours_s = statistics.median(times)                  # see before and after
+                if T not in trl:                                   # once per T, for both of our modes
+                    trl[T] = trl_nash_md_step(hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads,
+                                              vocab=cfg.vocab, batch=cfg.batch, prompt_len=cfg.prompt_len,
+                                              new_tokens=T, mixture_coef=cfg.mix_beta, steps=cfg.trl_steps,
+                                              threads=cfg.threads)
+                    torch.set_num_threads(cfg.threads)
+                ref = trl[T]
+                times += our_steps(cfg, algo, T, cfg.steps, comp)[0]   # ours again: load drifts, so two
+                ours_s = statistics.median(times)                      # rounds, TRL after the first one
                 trl_s = ref["seconds_per_step"]
                 r.update(ours=ours_s, reference=trl_s, ratio=trl_s / ours_s)
-                r["notes"] += (f"; ours timed before and after TRL, median of {len(times)} steps "
+                r["notes"] += (f"; ours timed in two rounds, median of {len(times)} steps "
                                f"({', '.join(f'{t:.2f}' for t in times)} s); reference: TRL NashMDTrainer, "
                                "full fine-tuning, judge = a same-shape reward model (Bradley-Terry), TRL "
                                f"defaults (gradient checkpointing on, so no KV cache) -- {ref['notes']}")
@@ -407,9 +422,11 @@ if __name__ == "__main__":
                     f"{BenchConfig.step_tokens[0]}; 128 is the real run's: TRL then takes minutes)")
     ap.add_argument("--threads", type=int, default=BenchConfig.threads)
     ap.add_argument("--clock", choices=("wall", "cpu"), default=BenchConfig.clock)
+    ap.add_argument("--eager", action="store_true", help="time ours eager only (compiling takes ~10 s/shape)")
     args = ap.parse_args()
     quick = dict(new_tokens=32, forward_len=32, repeats=2, step_tokens=(8,), steps=2, trl_steps=1)
-    cfg = BenchConfig(threads=args.threads, clock=args.clock, **(quick if args.quick else {}))
+    cfg = BenchConfig(threads=args.threads, clock=args.clock, compile=not args.eager,
+                      **(quick if args.quick else {}))
     if args.step_tokens:
         cfg.step_tokens = tuple(args.step_tokens)
     main(cfg, args.json, args.load_rss, args.only)

@@ -16,6 +16,7 @@ Reading order: config -> layers -> LoRA -> GPT -> KV cache -> sampling -> log-pr
 Left out: dropout (nothing here trains the base), sliding-window attention (sequences stop at the window),
 long-context RoPE scaling (refused by weights.py).
 """
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -94,15 +95,13 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight)
         if lora is None:
             return y
-        names, gate, stacked = lora                  # stacked: [A; B] per layer, kept while nothing trains
-        if self not in stacked:
-            A = torch.cat([self.lora_A[n] for n in names])               # (R, in)
-            B = torch.cat([self.lora_B[n] for n in names], 1)            # (out, R)
-            if torch.is_grad_enabled():
-                return y + F.linear(F.linear(x.to(A.dtype), A) * gate, B).to(x.dtype)
-            stacked[self] = A, B
-        A, B = stacked[self]
+        names, gate, stacked = lora                  # stacked: every layer's A, B, made once (GPT.lora_gate)
+        A, B = stacked[self] if stacked else self.stack(names)
         return y + F.linear(F.linear(x.to(A.dtype), A) * gate, B).to(x.dtype)
+
+    def stack(self, names):
+        """A (R, in), B (out, R) of these adapters, side by side."""
+        return torch.cat([self.lora_A[n] for n in names]), torch.cat([self.lora_B[n] for n in names], 1)
 
 
 class Attention(nn.Module):
@@ -242,9 +241,11 @@ class GPT(nn.Module):
         return [d[name] for m in self.lora_layers() for d in (m.lora_A, m.lora_B)]
 
     def lora_gate(self, adapters, B, device):
-        """adapters -> (used adapter names, gate (B, 1, R), {}) for LoRALinear, or None if no row uses one.
-        adapters: None (the base), a name (every row), or a list with one name or None per row. Every call of
-        the model takes such an `adapters` argument, or its lora_gate (generate builds it once)."""
+        """adapters -> (used adapter names, gate (B, 1, R), stacked) for LoRALinear, or None if no row uses
+        one. adapters: None (the base), a name (every row), or a list with one name or None per row. Every
+        call of the model takes such an `adapters` argument, or its lora_gate (generate builds it once).
+        stacked: {layer: its A, B stacked} when nothing trains (built here, once for all decode steps),
+        else {}."""
         names = [adapters] * B if adapters is None or isinstance(adapters, str) else list(adapters)
         if len(names) != B or set(names) - set(self.adapters) - {None}:
             raise ValueError(f"need one adapter per row ({B}) from {list(self.adapters)}; got {names}")
@@ -256,7 +257,8 @@ class GPT(nn.Module):
             r, alpha = self.adapters[a]
             gate[[b for b, n in enumerate(names) if n == a], :, col:col + r] = alpha / r
             col += r
-        return used, gate.to(device), {}
+        stacked = {} if torch.is_grad_enabled() else {m: m.stack(used) for m in self.lora_layers()}
+        return used, gate.to(device), stacked
 
     @torch.no_grad()
     def copy_adapter(self, src, dst):
@@ -281,18 +283,18 @@ class GPT(nn.Module):
 # KV cache and sampling
 
 class KVCache:
-    """Preallocated keys and values (n_layer, B, 2 H_kv, max_len, hs), written in place: nothing is allocated
-    per step. Every row writes at slot n (prompts are left-padded to end together) and attention reads a view
-    of the n slots written so far. `real` (B, max_len) marks the slots holding real tokens, `seen` (B,) counts
-    them (the next RoPE position); `padded`: some slot is not real, else decoding needs no mask at all (as
-    transformers drops an all-ones mask). Reading all max_len slots would keep shapes static for a compiled
-    step, but made eager decoding slower here, and compiling did not pay on CPU (README)."""
+    """Preallocated keys and values, one (B, 2 H_kv, max_len, hs) tensor per layer, written in place:
+    nothing is allocated per step. Every row writes at slot n (prompts are left-padded to end together) and
+    attention reads a view of the n slots written so far. `real` (B, max_len) marks the slots holding real
+    tokens, `seen` (B,) counts them (the next RoPE position); `padded`: some slot is not real, else decoding
+    needs no mask at all (as transformers drops an all-ones mask). The write is one index_copy_ at the call's
+    slots: a compiled step keeps it in place (a slice assignment made inductor copy the whole cache)."""
     def __init__(self, config, batch_size, max_len, device="cpu", dtype=torch.float32):
         if max_len > config.block_size:
             raise ValueError(f"{max_len} tokens is longer than the model's block_size {config.block_size}; "
                              "shorten the prompt or the number of new tokens")
-        shape = (config.n_layer, batch_size, 2 * config.n_kv_head, max_len, config.n_embd // config.n_head)
-        self.kv = torch.zeros(shape, device=device, dtype=dtype)           # [k heads; v heads]
+        shape = (batch_size, 2 * config.n_kv_head, max_len, config.n_embd // config.n_head)
+        self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]  # [k; v]
         self.real = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.seen = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.n, self.padded = 0, False
@@ -305,16 +307,16 @@ class KVCache:
         pos = self.seen[:, None] + real.cumsum(1) - 1
         self.seen += real.sum(1)
         self.n, self.padded = self.n + T, self.padded or padded
-        return pos.clamp(min=0), torch.arange(self.n - T, self.n, device=real.device)
+        self.slots = torch.arange(self.n - T, self.n, device=real.device)
+        return pos.clamp(min=0), self.slots
 
     def update(self, layer, kv):
         """Write this call's [k; v] (B, 2 H_kv, T, hs) at its slots; -> the n written (B, 2 H_kv, n, hs)."""
-        self.kv[layer, :, :, self.n - kv.size(2):self.n] = kv
-        return self.kv[layer, :, :, :self.n]
+        return self.kv[layer].index_copy_(2, self.slots, kv)[:, :, :self.n]
 
     def take(self, rows):
         """The cache of these rows (a copy): prefill runs a distinct prompt once, then every row takes its."""
-        self.kv, self.real, self.seen = self.kv[:, rows], self.real[rows], self.seen[rows]
+        self.kv, self.real, self.seen = [kv[rows] for kv in self.kv], self.real[rows], self.seen[rows]
 
 
 def left_pad(seqs, pad_id, extra=0):
@@ -360,9 +362,35 @@ def prefill(model, prompts, adapters, max_len, pad_id):
     return logits[inv, -1], cache
 
 
+def mix_logits(logits, twins, beta, bias):
+    """Logits (B + M, V) of B rows and of the M twins of the rows `twins` -> the next-token logits (B, V)
+    row b samples from, up to a constant c: (1 − β_b) log π_b + β_b log π_twin = (1 − β_b) z_b + β_b z_twin
+    − c, as log π = z − log Z and sampling ignores c. bias (V,): −inf outside the allowed ids, or None."""
+    lp = logits[:len(beta)].float()
+    if len(twins):
+        lp[twins] = torch.lerp(lp[twins], logits[len(beta):].float(), beta[twins])
+    return lp if bias is None else lp + bias
+
+
+def decode_step(model, nxt, lora, cache, twins, beta, bias):
+    """The tokens just sampled nxt (B,) -> the next-token logits (B, V): one token per row through the cached
+    model (a twin reads its row's token), then mix_logits. generate(compile=True) compiles this function."""
+    x = (torch.cat((nxt, nxt[twins])) if len(twins) else nxt)[:, None]             # (B + M, 1)
+    return mix_logits(model(x, lora, cache, last_only=True)[:, -1], twins, beta, bias)
+
+
+@functools.cache
+def compiled(fn):
+    """torch.compile(fn), made once per process (a new wrapper would compile again). dynamic: the cache grows
+    without recompiles; a new batch shape compiles once (~10 s on 2 CPU cores). The weights and adapters are
+    inputs of the compiled graph, read at every call: training them between calls is seen."""
+    return torch.compile(fn, dynamic=True)
+
+
 @torch.inference_mode()                 # no autograd bookkeeping: 6-8% faster than no_grad on CPU
 def generate(model, prompts, max_new_tokens, *, adapters=None, mix_beta=0.0, mix_adapter=None,
-             temperature=1.0, top_p=1.0, vocab=None, stop_ids=(), pad_id=0, uniforms=None, generator=None):
+             temperature=1.0, top_p=1.0, vocab=None, stop_ids=(), pad_id=0, uniforms=None, generator=None,
+             compile=False):
     """Batched, KV-cached sampling of up to max_new_tokens after each prompt (token lists, left-padded).
       adapters       None, a name, or one per prompt: the policy each row samples from
       mix_beta       float or one per prompt: row b samples from the per-token geometric mixture
@@ -371,6 +399,8 @@ def generate(model, prompts, max_new_tokens, *, adapters=None, mix_beta=0.0, mix
       vocab          allowed token ids (constrained decoding); stop_ids end a row (the stop token is kept)
       uniforms       (B, max_new_tokens) in [0, 1), one per sampled token; else drawn from `generator`.
                      Passing them makes each row's sample independent of the other rows in the batch.
+      compile        run each one-token step through torch.compile (`compiled`): the first call of a batch
+                     shape compiles (tens of seconds), later ones decode faster (README); eager otherwise.
     Returns tokens, mask, resp (B, T): mask is 1 on real tokens (prompt and response), resp on the response
     (including its stop token); finished rows hold pad_id. T stops at the last column any row used."""
     B, N, device = len(prompts), max_new_tokens, model.lm_head.weight.device
@@ -394,13 +424,8 @@ def generate(model, prompts, max_new_tokens, *, adapters=None, mix_beta=0.0, mix
     done = torch.zeros(B, dtype=torch.bool, device=device)
     finite = torch.ones((), dtype=torch.bool, device=device)
 
-    def mix(logits):                     # (B + M, V) -> the B rows' next-token logits, up to a constant:
-        lp = logits[:B].float()          # log π − log Z shifts a row by a constant, which sampling ignores
-        if len(twins):
-            lp[twins] = torch.lerp(lp[twins], logits[B:].float(), beta[twins])      # (1 − β) lp + β lp_twin
-        return lp if bias is None else lp + bias
-
-    lp, n = mix(logits), 0
+    step = compiled(decode_step) if compile else decode_step
+    lp, n = mix_logits(logits, twins, beta, bias), 0
     for i in range(N):
         if i % 8 == 0:                                   # NaN or all -inf (diverged weights): raised below
             finite &= lp.amax(-1).isfinite().all()
@@ -412,9 +437,8 @@ def generate(model, prompts, max_new_tokens, *, adapters=None, mix_beta=0.0, mix
         tokens[:, Tp + i], n = nxt, i + 1
         if len(stop) and i % 8 == 7 and bool(done.all()):                # a host sync every 8 tokens only
             break
-        if i + 1 < N:                                                    # a twin sees what its row sees
-            x = (torch.cat((nxt, nxt[twins])) if len(twins) else nxt)[:, None]
-            lp = mix(model(x, lora, cache, last_only=True)[:, -1])         # new tokens: all real
+        if i + 1 < N:
+            lp = step(model, nxt, lora, cache, twins, beta, bias)
     if not bool(finite):
         raise FloatingPointError("the model produced non-finite logits while sampling: its weights diverged")
     n = int(mask[:, Tp:Tp + n].any(0).sum())                             # columns some row used

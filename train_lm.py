@@ -64,6 +64,7 @@ class TrainConfig:
     judge_both_orders: bool = False  # self-judge: average both presentation orders, log their disagreement
     grad_checkpoint: bool = False  # recompute each block in backward: activation memory / ~n_layer
     micro_batches: int = 1         # split each step's slots into chunks whose gradients add up
+    compile: bool = False          # decode through torch.compile (model.compiled): faster after a compile
     label_noise: float = 0.0       # tiny: the judge's answer flips with probability ε
     save_every: int = 50
     log_every: int = 10
@@ -127,7 +128,7 @@ def sample(model, task, cfg, k, adapters, u, mix_beta=0.0):
     t, m, r = generate(model, [task.prompts[i] for i in k.tolist()], cfg.max_new_tokens, adapters=adapters,
                        mix_beta=mix_beta, temperature=cfg.temperature, vocab=task.vocab,
                        stop_ids=task.stop_ids, pad_id=task.tok.pad_id,
-                       uniforms=u.transpose(0, 1).flatten(0, 1))                 # (R·S, N), block by block
+                       uniforms=u.transpose(0, 1).flatten(0, 1), compile=cfg.compile)   # (R·S, N), by block
     return Rollout(t, m, r, k)
 
 

@@ -1,9 +1,11 @@
 """Tests of model.py: parity with transformers' Phi-3 (logits, greedy generation), the KV cache, stop tokens
 and masks, sequence_logprobs, LoRA (adapters chosen per call or per row, merge, copy), the geometric-mixture
-sampler, top-p, row-local uniforms, non-finite logits, and the real pretrained stories260K checkpoint.
-CPU, float32.
+sampler, top-p, row-local uniforms, non-finite logits, compiled decoding, and the real pretrained stories260K
+checkpoint. CPU, float32.
 Loading and saving (weights.py) are tested in test_weights.py, which reuses the fixtures below."""
 import json
+import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import KVCache, generate, left_pad, sample_next, sequence_logprobs
+from model import GPT, GPTConfig, KVCache, generate, left_pad, sample_next, sequence_logprobs
 from weights import load_phi3
 
 ASSETS = Path(__file__).parents[1] / ".." / "shared" / "assets"
@@ -444,6 +446,29 @@ def test_top_p_and_greedy():
     assert draws(1.0, temperature=2.0).tolist() == pytest.approx((n * p2).tolist(), abs=1.01)
     greedy = sample_next(torch.tensor([[0.1, 2.0, -1.0], [5.0, 2.0, -1.0]]), torch.rand(2), 0)
     assert greedy.tolist() == [1, 0]
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="torch.compile needs g++ here")
+def test_compiled_decoding_samples_what_eager_samples():
+    """generate(compile=True) (torch.compile of decode_step; the one compiling test, ~10 s) draws the tokens
+    that eager decoding draws: left-padded prompts, per-row adapters, a mixed row and its twin, a stop id.
+    Training the adapter between two calls is seen: the weights are inputs of the compiled graph."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_name("tiny")).eval()                    # GQA: 4 heads, 2 KV heads
+    model.add_adapter("a", r=4, alpha=8)
+    randomize(model, "a", seed=3, scale=0.3)
+    u = torch.rand(3, 12, generator=torch.Generator().manual_seed(5))
+    kw = dict(adapters=["a", None, "a"], mix_beta=[0.0, 0.0, 0.5], temperature=1.0, uniforms=u,
+              stop_ids=(7,))
+    runs = []
+    for step in range(2):
+        eager, comp = (generate(model, [[1, 5, 9], [1, 40, 41, 42, 43, 44], [1, 22]], 12, compile=c, **kw)
+                       for c in (False, True))
+        assert all(torch.equal(e, c) for e, c in zip(eager, comp))
+        runs.append(eager[0])
+        with torch.no_grad():
+            model.lora_parameters("a")[1].mul_(-3.0)                   # a "training step" on one B
+    assert not torch.equal(*runs)                                      # ... which changed the samples
 
 
 def test_non_finite_logits_raise(fresh):
