@@ -382,7 +382,7 @@ def decode_step(model, nxt, lora, cache, twins, beta, bias):
 @functools.cache
 def compiled(fn):
     """torch.compile(fn), made once per process (a new wrapper would compile again). dynamic: the cache grows
-    without recompiles; a new batch shape compiles once (~10 s on 2 CPU cores). The weights and adapters are
+    without recompiles; a new batch shape compiles once (5-10 s on 2 CPU cores). The weights and adapters are
     inputs of the compiled graph, read at every call: training them between calls is seen."""
     return torch.compile(fn, dynamic=True)
 
