@@ -287,8 +287,8 @@ class KVCache:
     nothing is allocated per step. Every row writes at slot n (prompts are left-padded to end together) and
     attention reads a view of the n slots written so far. `real` (B, max_len) marks the slots holding real
     tokens, `seen` (B,) counts them (the next RoPE position); `padded`: some slot is not real, else decoding
-    needs no mask at all (as transformers drops an all-ones mask). The write is one index_copy_ at the call's
-    slots: a compiled step keeps it in place (a slice assignment made inductor copy the whole cache)."""
+    needs no mask at all (as transformers drops an all-ones mask). The write is one index_copy_ at `slots`, the
+    last advance's: a compiled step keeps it in place (a slice assignment made inductor copy the whole cache)."""
     def __init__(self, config, batch_size, max_len, device="cpu", dtype=torch.float32):
         if max_len > config.block_size:
             raise ValueError(f"{max_len} tokens is longer than the model's block_size {config.block_size}; "
@@ -400,7 +400,7 @@ def generate(model, prompts, max_new_tokens, *, adapters=None, mix_beta=0.0, mix
       uniforms       (B, max_new_tokens) in [0, 1), one per sampled token; else drawn from `generator`.
                      Passing them makes each row's sample independent of the other rows in the batch.
       compile        run each one-token step through torch.compile (`compiled`): the first call of a batch
-                     shape compiles (tens of seconds), later ones decode faster (README); eager otherwise.
+                     shape compiles (seconds), later ones decode faster (README); eager otherwise.
     Returns tokens, mask, resp (B, T): mask is 1 on real tokens (prompt and response), resp on the response
     (including its stop token); finished rows hold pad_id. T stops at the last column any row used."""
     B, N, device = len(prompts), max_new_tokens, model.lm_head.weight.device
