@@ -422,7 +422,7 @@ if __name__ == "__main__":
                     f"{BenchConfig.step_tokens[0]}; 128 is the real run's: TRL then takes minutes)")
     ap.add_argument("--threads", type=int, default=BenchConfig.threads)
     ap.add_argument("--clock", choices=("wall", "cpu"), default=BenchConfig.clock)
-    ap.add_argument("--eager", action="store_true", help="time ours eager only (compiling takes seconds per shape)")
+    ap.add_argument("--eager", action="store_true", help="time ours eager only (no compiled rows)")
     args = ap.parse_args()
     quick = dict(new_tokens=32, forward_len=32, repeats=2, step_tokens=(8,), steps=2, trl_steps=1)
     cfg = BenchConfig(threads=args.threads, clock=args.clock, compile=not args.eager,

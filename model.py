@@ -287,8 +287,8 @@ class KVCache:
     nothing is allocated per step. Every row writes at slot n (prompts are left-padded to end together) and
     attention reads a view of the n slots written so far. `real` (B, max_len) marks the slots holding real
     tokens, `seen` (B,) counts them (the next RoPE position); `padded`: some slot is not real, else decoding
-    needs no mask at all (as transformers drops an all-ones mask). The write is one index_copy_ at `slots`, the
-    last advance's: a compiled step keeps it in place (a slice assignment made inductor copy the whole cache)."""
+    needs no mask at all (as transformers drops an all-ones mask). The write is one index_copy_ at `slots`
+    (the last advance's): a compiled step keeps it in place (a slice assignment copied the whole cache)."""
     def __init__(self, config, batch_size, max_len, device="cpu", dtype=torch.float32):
         if max_len > config.block_size:
             raise ValueError(f"{max_len} tokens is longer than the model's block_size {config.block_size}; "
