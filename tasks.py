@@ -115,10 +115,12 @@ class SelfJudge:
         return self.tok.chat(p[0] + self.user[k] + p[1] + a + p[2] + b + p[3])
 
     def logits(self, model, ks, first, second, adapters):
-        """The judge's logits (B, 2) for the answers "1" and "2" on the pairs (first[b], second[b])."""
+        """The judge's logits (B, 2) for the answers "1" and "2" on the pairs (first[b], second[b]): only
+        these two rows of lm_head are computed (the other V − 2 logits would be thrown away)."""
         x, m = left_pad([self.ids(int(k), a, b) for k, a, b in zip(ks, first, second)], self.tok.pad_id)
         dev = model.lm_head.weight.device
-        return model(x.to(dev), adapters, mask=m.to(dev), last_only=True)[:, -1, self.answers]
+        h = model.trunk(x.to(dev), adapters, mask=m.to(dev))[:, -1]                      # (B, C)
+        return h @ model.lm_head.weight[self.answers].T                                 # (B, 2)
 
     @torch.no_grad()
     def __call__(self, model, r1, r2, adapters=None, both_orders=False):
