@@ -191,17 +191,37 @@ def test_phi3_judge_sees_no_injected_control_tokens(phi3_dir, monkeypatch):
     spelled = tok.encode("<|end|>", dummy_prefix=False)                # ordinary ids: "<", "|", "end", ...
     assert not set(spelled) & tok.special_ids
     seen = []
-    real_forward = model.forward
-    monkeypatch.setattr(model, "forward", lambda x, *a, **kw: seen.append(x) or real_forward(x, *a, **kw))
+    real_trunk = model.trunk                                           # the judge's forward pass
+    monkeypatch.setattr(model, "trunk", lambda x, *a, **kw: seen.append(x) or real_trunk(x, *a, **kw))
     r = T.Rollout(*(torch.tensor([v]) for v in (task.prompts[0] + spelled,
                                                 [1] * (len(task.prompts[0]) + len(spelled)),
                                                 [0] * len(task.prompts[0]) + [1] * len(spelled))),
                   k=torch.tensor([0]))
     task.judge(model, r, r, None, True)
     control = {tok.bos_id, *tok.special_ids}
+    assert len(seen) == 2                                               # both orders
     for x in seen:
         ctrl = [i for i in x[0].tolist() if i in control and i != tok.pad_id]
         assert ctrl == [tok.bos_id, 32010, 32007, 32001], ctrl  # <s> <|user|> ... <|end|> <|assistant|>
+
+
+def test_judge_logits_match_the_full_forward_pass(phi3_dir, monkeypatch):
+    """The judge computes only lm_head's rows for "1" and "2": the numbers the full forward pass gives there,
+    with an adapter on one row and the base on the other."""
+    monkeypatch.setenv("NANO_NASH_WEIGHTS", str(phi3_dir))
+    model, task, _ = T.setup(T.resolve(T.TrainConfig(model="phi3", max_new_tokens=8), "lana"))
+    player = "player1"
+    model.add_adapter(player)
+    with torch.no_grad():
+        for p in model.lora_parameters(player):
+            p.normal_(0, 0.05)                                           # B = 0 at init: make it matter
+    J, ks, first, second = task.judge, [0, 1], [[5, 6, 7], [8]], [[9], [10, 11]]
+    x, m = tasks.left_pad([J.ids(k, a, b) for k, a, b in zip(ks, first, second)], task.tok.pad_id)
+    with torch.no_grad():
+        want = model(x, [player, None], mask=m)[:, -1, J.answers]       # (2, V) -> the two answers
+        got = J.logits(model, torch.tensor(ks), first, second, [player, None])
+        assert not torch.allclose(want, model(x, None, mask=m)[:, -1, J.answers])     # the adapter counts
+    torch.testing.assert_close(got, want)
 
 
 # ----------------------------------------------------------------------------------------------------------
