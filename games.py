@@ -3,7 +3,7 @@ games.py: the tabular Nash playground. Finite response sets, a known preference 
 
     python games.py                # all games: a Markdown table, figures/games_*.png and games_curves.csv
     python games.py --game rps     # one game: bt3 | dice | rps | cycle | nlhf3 | random
-    python games.py --smoke        # seconds: short runs, the CSV and games_main.png (the tests run it)
+    python games.py --smoke        # seconds: short runs, the CSV and games_main.png in out/smoke (the tests)
 
 Sections: 1. games, 2. exact solutions, 3. closed-form dynamics (regularised methods aim at π*_τ, scored by
 DualGap_τ; unregularised ones aim at the NE, scored by DualGap_0 of the last AND of the average iterate),
@@ -38,7 +38,7 @@ class GameConfig:
     horizon: int = 100_000     # iterations of LANA (last and average iterate); MWU and MAIO run a tenth
     sgd_steps: int = 2000      # SGD steps of the sampled runs
     seed: int = 0              # the random game and the sampled runs
-    out: str = "figures"       # where the PNGs and games_curves.csv go
+    out: str = ""              # where the PNGs and games_curves.csv go; "": figures, with --smoke out/smoke
     smoke: bool = False        # --smoke: a few seconds, the CSV and games_main.png only (--no-smoke: off)
 
 
@@ -463,7 +463,7 @@ def main(cfg):
              if cfg.game in ("all", g.name)]
     if not games:
         raise ValueError(f"unknown --game {cfg.game!r}; choose all, bt3, dice, rps, cycle, nlhf3 or random")
-    (out := Path(cfg.out)).mkdir(parents=True, exist_ok=True)
+    (out := Path(cfg.out or ("out/smoke" if cfg.smoke else "figures"))).mkdir(parents=True, exist_ok=True)
     results = experiments(cfg, games)
     write_csv(results, out / "games_curves.csv")
     from plots import games_figures                     # (plots.py imports this file)

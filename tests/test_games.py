@@ -487,11 +487,13 @@ def test_every_game_runs(game, tmp_path):
 
 
 def test_smoke_run_writes_its_files(tmp_path):
-    r = subprocess.run([sys.executable, "games.py", "--smoke", "--out", str(tmp_path)], cwd=ROOT,
+    """... in out/smoke: a smoke run leaves figures/ (the README's results) alone."""
+    r = subprocess.run([sys.executable, str(ROOT / "games.py"), "--smoke"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "games_main.png").stat().st_size > 10_000
-    rows = list(csv.DictReader(open(tmp_path / "games_curves.csv")))
+    out = tmp_path / "out" / "smoke"
+    assert (out / "games_main.png").stat().st_size > 10_000 and not (tmp_path / "figures").exists()
+    rows = list(csv.DictReader(open(out / "games_curves.csv")))
     assert {r["game"] for r in rows} == {"bt3", "dice", "rps", "cycle", "nlhf3", "random"}
     for algo, T in [("nash_md", 64), ("inpo", 64), ("mwu", 64), ("lana_printed", 640), ("maio_pg", 64)]:
         its = [int(r["iter"]) for r in rows if r["game"] == "rps" and r["algorithm"] == algo and
