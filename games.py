@@ -3,7 +3,7 @@ games.py: the tabular Nash playground. Finite response sets, a known preference 
 
     python games.py                # all games: a Markdown table, figures/games_*.png and games_curves.csv
     python games.py --game rps     # one game: bt3 | dice | rps | cycle | nlhf3 | random
-    python games.py --smoke        # seconds (the tests run it): short runs, CSV and games_main.png in out/smoke
+    python games.py --smoke        # seconds, what the tests run: the CSV and games_main.png in out/smoke
 
 Sections: 1. games, 2. exact solutions, 3. closed-form dynamics (regularised methods aim at π*_τ, scored by
 DualGap_τ; unregularised ones aim at the NE, scored by DualGap_0 of the last AND of the average iterate),
