@@ -1,156 +1,194 @@
 """
-plots.py: every figure of the repo, in one palette: games.py's gap curves and simplex paths, train_lm.py's
-convergence of the LM players, selfjudge.py's judges. Each algorithm has one colour and one line style
-(distinct within each family and among train_lm.py's algorithms, so the figures read in black and white).
-Nothing here computes a result: the functions draw what the scripts measured.
+plots.py: every figure of the repo, from one style table. STYLE gives each algorithm one colour and
+one dash, the same in every figure (games.py's gap curves and simplex paths, train_lm.py's LM
+players, selfjudge.py's judges); hues and dashes differ within each family, so the figures also read
+in black and white. The judge a run drew its verdicts from is a marker (MARKERS); games.py's sampled
+runs are markers only. Nothing here computes a result: the scripts pass the points, the targets and
+the labels, and this file draws them.
 """
-import torch
+import math
+from typing import NamedTuple
 
-from games import F64, log_iters, nash, regularized_nash
-from runs import UserError
+import numpy as np
 
-REG = ["nash_md", "nash_md_const", "inpo", "inpo_paper", "nash_md_pg", "online_dpo", "rlhf_bt"]
-UNREG = ["mwu", "maio_greedy", "maio_soft", "maio_extragrad", "maio_duel", "maio_pg",
-         "lana_geo", "lana_geo_printed", "lana", "lana_printed"]
-COLORS = dict(zip(REG + UNREG, [   # one colour per algorithm in every figure of the repo, train_lm.py's too
-    "#d62728", "#ff9896", "#1f77b4", "#17becf", "#e377c2", "#7f7f7f", "#bcbd22", "#8c564b", "#c49c94",
-    "#98df8a", "#2ca02c", "#00441b", "#ff7f0e", "#000000", "#e6ab02", "#6a3d9a", "#b294c7"]))
-DASHES = ["-", (0, (1, 1)), "--", (0, (5, 1)), ":", "-.", (0, (3, 1, 1, 1, 1, 1)), (0, (8, 2)),   # for print:
-          (0, (3, 1, 1, 1)), (0, (1, 3))]   # unique in each family and among train_lm.py's five algorithms
-LINESTYLES = dict(zip(REG, DASHES)) | dict(zip(UNREG, [DASHES[i] for i in (4, 1, 6, 3, 5, 0, 2, 9, 8, 7)]))
-CLIP = 1e-16   # gaps are clipped here on log axes (float64 round-off); every axis that clips says so
-CORNERS = torch.tensor([[0, 0], [1, 0], [0.5, 3 ** 0.5 / 2]], dtype=F64)   # the 3-simplex drawn in the plane
+DENSE_DASHED = (0, (5, 1))
+DENSE_DOTTED = (0, (1, 1))
+DENSE_DASHDOT = (0, (3, 1, 1, 1))
 
-
-def plot_gaps(ax, results, game, algos, iterate, title, ylabel):
-    """Gap curves of one game on log axes, at log-spaced t ≥ 1; sampled runs as markers."""
-    for a in algos:
-        if (c := results[a][1].get(game.name)) is not None:
-            keep = torch.isin(c[0], torch.tensor(log_iters(int(c[0][-1])))) & (c[0] >= 1)
-            style = dict(ls="", marker="^" if "ε" in a else "o", ms=3) if "(" in a else {"ls": LINESTYLES[a]}
-            ax.loglog(c[0][keep], c[1 if iterate == "last" else 2][keep].clamp_min(CLIP), label=a, lw=1.3,
-                      color=COLORS[a.split(" ")[0].rstrip(",")], **style)
-    ax.set(title=f"{game.name}: {title}", ylabel=f"{ylabel} (clipped at {CLIP:g})")
-    ax.grid(True, which="major", alpha=0.3)
-
-
-def draw_simplex(ax, results, game, algos, target, upto):
-    """π_t, t ≤ upto, on a 3-action game's triangle, and target = (point, marker, label), the point those
-    methods aim at: π*_τ (regularised methods) or the NE (unregularised dynamics). The circle is μ = π_0."""
-    ax.plot(*CORNERS[[0, 1, 2, 0]].T, color="k", lw=0.8)
-    for (x, y), lab in zip(CORNERS.tolist(), game.labels):
-        ax.annotate(lab, (x, y), xytext=(0, -10 if y == 0 else 3), textcoords="offset points", ha="center")
-    for a in algos:
-        its, _, _, pi = results[a][1][game.name]
-        ax.plot(*(pi[its <= upto] @ CORNERS).T, color=COLORS[a], ls=LINESTYLES[a], lw=1, label=a)
-    ax.plot(*(target[0] @ CORNERS), target[1], ms=10, label=target[2])
-    ax.plot(*(game.mu @ CORNERS), "ko", mfc="none", ms=6, label="μ = π_0")
-    ax.set(title=f"{game.name}: the first {upto} iterations", aspect="equal")
-    ax.axis("off")
+STYLE = {   # name -> (colour, dash); every colour differs, hues and dashes differ in each family
+    # regularised (games.py), aiming at π*_τ; train_lm.py runs inpo and nash_md_pg
+    "nash_md": ("#e41a1c", "-"),                        # red
+    "nash_md_const": ("#ff7f00", ":"),                  # orange
+    "inpo": ("#377eb8", "--"),                          # blue
+    "inpo_paper": ("#984ea3", DENSE_DASHED),            # purple
+    "nash_md_pg": ("#f781bf", "-."),                    # pink
+    "online_dpo": ("#999999", DENSE_DASHDOT),           # grey
+    "rlhf_bt": ("#4daf4a", DENSE_DOTTED),               # green
+    # unregularised (games.py), aiming at the NE; train_lm.py runs lana, lana_printed, maio_pg, sppo
+    "mwu": ("#8c564b", ":"),                            # brown
+    "sppo": ("#bcbd22", DENSE_DASHDOT),                 # olive
+    "maio_greedy": ("#17becf", (0, (1, 3))),            # cyan, sparse dots
+    "maio_soft": ("#e377c2", (0, (3, 1, 1, 1, 1, 1))),  # pink, dash-dot-dot
+    "maio_extragrad": ("#7f7f7f", (0, (6, 2, 1, 2, 1, 2))),   # grey, sparse dash-dot-dot
+    "maio_duel": ("#000000", (0, (8, 2))),              # black, long dashes
+    "maio_pg": ("#2ca02c", "-"),                        # green
+    "lana_geo": ("#ff7f0e", "--"),                      # orange
+    "lana_geo_printed": ("#1f77b4", "-."),              # blue
+    "lana": ("#9467bd", DENSE_DASHED),                  # purple
+    "lana_printed": ("#d62728", DENSE_DOTTED),          # red
+}
+STYLE["maio_pg_self"] = STYLE["maio_pg"]   # selfjudge.py's MAIO-PG judged by the policy itself
+MARKERS = {"oracle": "o", "noisy": "^", "self": "s", "base": "D"}   # the judge behind a run
+CLIP = 1e-16   # gaps are clipped here on log axes (float64 round-off); each axis that clips says so
+CORNERS = np.array([[0, 0], [1, 0], [0.5, 3 ** 0.5 / 2]])   # the 3-simplex drawn in the plane
 
 
-def games_figures(cfg, games, results, out):
-    """games_main.png (the README's) and, unless --smoke, games_gaps.png: grids of panels (draw, *args)."""
+def style(algo):
+    """Line2D keywords: the algorithm's colour and dash, and gid = algo (a test reads it)."""
+    colour, dash = STYLE[algo]
+    return dict(color=colour, ls=dash, gid=algo)
+
+
+class Series(NamedTuple):
+    """One curve of a gap panel: legend label, the algorithm whose STYLE it takes, its points, and
+    for a sampled run the kind of judge it drew verdicts from (hollow MARKERS[judge], no line)."""
+    label: str
+    algo: str
+    x: object
+    y: object
+    judge: str = None
+
+
+class Gaps(NamedTuple):
+    """A panel of gap curves on log axes."""
+    title: str
+    ylabel: str
+    series: list
+
+    def draw(self, ax):
+        for s in self.series:
+            kw = style(s.algo)
+            if s.judge:
+                kw |= dict(ls="", marker=MARKERS[s.judge], mfc="none", ms=5)
+            y = np.maximum(np.asarray(s.y), CLIP)
+            ax.loglog(s.x, y, label=s.label, lw=1.5, **kw)
+        ax.set(title=self.title, ylabel=f"{self.ylabel}\n(clipped at {CLIP:g})")
+        ax.grid(alpha=0.3)
+
+
+class Simplex(NamedTuple):
+    """A panel of paths π_t on a 3-action game's triangle, toward the point they aim at."""
+    title: str
+    labels: tuple          # the actions, at the corners
+    paths: dict            # algo -> π_t (m, 3)
+    target: tuple          # (label, point): π*_τ or the NE
+    mu: object             # π_0
+
+    def draw(self, ax):
+        ax.plot(*CORNERS[[0, 1, 2, 0]].T, color="k", lw=0.8)
+        for (x, y), label in zip(CORNERS, self.labels):
+            offset = (0, -14 if y == 0 else 4)
+            ax.annotate(label, (x, y), xytext=offset, textcoords="offset points", ha="center")
+        for algo, path in self.paths.items():
+            xy = np.asarray(path) @ CORNERS
+            ax.plot(*xy.T, lw=1.2, label=algo, **style(algo))
+        label, point = self.target
+        ax.plot(*(np.asarray(point) @ CORNERS), "k*", ms=14, label=label)
+        ax.plot(*(np.asarray(self.mu) @ CORNERS), "ko", mfc="none", ms=8, label="μ = π_0")
+        ax.set(title=self.title, aspect="equal")
+        ax.axis("off")
+
+
+def figure(path, panels, xlabel, cols=3):
+    """Panels (Gaps, Simplex) on a grid of `cols` columns, legends outside the axes so they never
+    cover a curve: on one row a legend under each panel, on a grid one legend right of it."""
     plt = pyplot()
-    plt.rcParams["font.size"] = 7                           # small panels: one small font for every label
-    reg, last, avg = f"DualGap_τ of π_t, τ = {cfg.tau}", "DualGap_0 of π_t", "DualGap_0 of the average π̄_t"
-    sampled_runs = [a for a in results if "sampled" in a]                   # INPO (2), then maio_pg, lana (2)
-
-    def figure(name, rows, xlabel, w, h, each=False):   # fixed margins: tight_layout lays the text out twice
-        W, H = w * len(rows[0]) + (.3 if each else 1.8), h * len(rows) + .6          # inches
-        fig, axes = plt.subplots(len(rows), len(rows[0]), figsize=(W, H), squeeze=False)
-        for row, axs in zip(rows, axes):
-            for (draw, *args), ax in zip(row, axs):
-                draw(ax, results, *args)
-            for ax in axs if each else axs[-1:]:      # a legend per panel, or one right of a row sharing it
-                ax.legend(fontsize=6, **({} if each else {"loc": "upper left", "bbox_to_anchor": (1, 1)}))
-        axes[-1, 0].set_xlabel(xlabel, loc="left")
-        fig.subplots_adjust(left=.8 / W, right=1 - (.1 if each else 1.5) / W, bottom=.5 / H, top=1 - .3 / H,
-                            wspace=.3, hspace=.35)
-        fig.savefig(out / name, dpi=90)
-        plt.close(fig)
-        return name
-
-    main = next((g for g in games if g.name == "rps"), games[0])            # the README figure
-    mu = ", ".join(f"{m:.2g}" for m in main.mu.tolist())
-    panels = [(plot_gaps, main, REG + sampled_runs[:2], "last", f"μ = ({mu}): who reaches π*_τ?",
-               reg + " (ε-judge: of P_ε)")]
-    if len(main.P) == 3:                                                     # paths on the simplex
-        star = (regularized_nash(main.P, main.mu, cfg.tau), "rX", f"π*_τ (τ = {cfg.tau})")
-        ne = (nash(main.P), "k*", "NE (τ = 0)")
-        panels += [(draw_simplex, main, REG, star, cfg.iters),
-                   (draw_simplex, main, UNREG[:1] + UNREG[4:7] + ["lana"], ne, cfg.iters)]
-    written = [figure("games_main.png", [panels], "iteration (sampled INPO: of 10 SGD steps)", 5, 4.6, True)]
-    if not cfg.smoke:
-        lana_vs_maio = UNREG[:1] + UNREG[4:] + sampled_runs[2:]      # (the other MAIOs: in the table)
-        written.append(figure("games_gaps.png", [
-            [(plot_gaps, g, REG, "last", "regularised", reg) for g in games],
-            [(plot_gaps, g, lana_vs_maio, "last", "last iterate", last) for g in games],
-            [(plot_gaps, g, lana_vs_maio, "avg", "running average", avg) for g in games]],
-            "iteration (lana, lana_printed, maio_pg: one expected SGD step; markers: their sampled runs, x ="
-            f" SGD steps). LANA runs {cfg.horizon:,} iterations, MWU, MAIO {cfg.horizon // 10:,}", 3.3, 3.0))
-    return written
+    rows = math.ceil(len(panels) / cols)
+    grid = rows > 1
+    size = (4.8 * cols + 3.2 * grid, 4.2 * rows + (0.4 if grid else 2.0))
+    with plt.rc_context({"font.size": 12, "legend.fontsize": 11}):
+        fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False, layout="constrained")
+        for panel, ax in zip(panels, axes.flat):
+            panel.draw(ax)
+            if not grid:
+                ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncols=2)
+        for ax in axes.flat[len(panels):]:
+            ax.axis("off")
+        for ax in axes[:, 1:].flat:              # the first column's label names the rows
+            ax.set_ylabel("")
+        if grid:                                 # one entry per name, over all the panels
+            handles = {label: handle for ax in axes.flat
+                       for handle, label in zip(*ax.get_legend_handles_labels())}
+            fig.legend(handles=list(handles.values()), loc="outside right upper")
+        fig.supxlabel(xlabel)
+        fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
-def lm_convergence(runs, path, closed=None, inpo_every=1):
-    """train_lm.py's figure. runs: name -> (yardstick, log records), drawn as the exact gap on the toy
-    games (yardstick "gap": DualGap_τ, "gap0": DualGap_0), else as the loss. closed: name -> the closed-form
-    curve of games.reference_curves on the same games, one point per expected SGD step (INPO's: per
-    iteration, one every inpo_every SGD steps), drawn in a second panel."""
+def curve(records, key):
+    """(steps, values) of the log records that hold key."""
+    return [r["step"] for r in records if key in r], [r[key] for r in records if key in r]
+
+
+def lm_convergence(runs, path, closed=None):
+    """train_lm.py's figure. runs: name -> (yardstick key, log records), drawn as the exact gap on
+    the toy games ("gap": DualGap_τ, "gap0": DualGap_0), else as the loss. closed: name -> (x, y),
+    games.reference_curves on the same games (x in SGD steps), in a second panel. An OSError from
+    writing the file propagates: the caller tells the user what to do."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2 if closed else 1, figsize=(13 if closed else 6.5, 4.5), squeeze=False)
+    panels = 2 if closed else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 5.5), squeeze=False,
+                             layout="constrained")
     toy = any("gap" in r for _, recs in runs.values() for r in recs)
     for name, (key, recs) in runs.items():
         key = key if toy else "loss"
-        label = f"{name} ({'DualGap_0' if key == 'gap0' else 'DualGap_τ'})" if toy else name
-        pts = [(r["step"], r[key]) for r in recs if key in r]
-        axes[0, 0].plot(*zip(*pts), label=label, color=COLORS.get(name), ls=LINESTYLES.get(name))
-    axes[0, 0].set(xlabel="SGD step", ylabel="exact gap, mean over prompts" if toy else "loss",
-                   yscale="log" if toy else "linear", title="tiny Phi-3 + LoRA, toy games" if toy else "")
-    axes[0, 0].legend(fontsize=8)
-    for name, curve in (closed or {}).items():
-        x = torch.arange(len(curve)) * (inpo_every if name == "inpo" else 1)
-        keep = x < len(curve)                                  # INPO's iterations within the same SGD steps
-        axes[0, 1].plot(x[keep], curve[keep.numpy()], label=name, color=COLORS.get(name),
-                        ls=LINESTYLES.get(name))
+        yardstick = "DualGap_0" if key == "gap0" else "DualGap_τ"
+        label = f"{name} ({yardstick})" if toy else name
+        axes[0, 0].plot(*curve(recs, key), label=label, **style(name))
+    axes[0, 0].set(xlabel="SGD step",
+                   ylabel="exact gap, mean over prompts" if toy else "loss",
+                   yscale="log" if toy else "linear",
+                   title="tiny Phi-3 + LoRA, toy games" if toy else "")
+    for name, (x, y) in (closed or {}).items():
+        axes[0, 1].plot(x, y, label=name, **style(name))
     if closed:
-        axes[0, 1].set(xlabel="expected SGD step (INPO: its closed-form iteration every iter_steps steps)",
-                       yscale="log", title="games.py closed form (lr 3), same P, μ, τ")
-        axes[0, 1].legend(fontsize=8)
-    fig.tight_layout()
+        axes[0, 1].set(xlabel="SGD step (INPO, SPPO: a closed-form iteration every iter_steps)",
+                       yscale="log", title="games.py closed form, same P, μ, τ")
+    for ax in axes.flat:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=3)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)
-    except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror or e}); free space or fix permissions (the run "
-                        "itself is saved)") from None
     finally:
         plt.close(fig)
 
 
 def self_judge(runs, path):
-    """selfjudge.py's figure. runs: name -> (algorithm, line style, yardstick, log records): the gap to the
-    true NE (last and average iterate), the regularised gap, and the error of each run's judge."""
+    """selfjudge.py's figure. runs: run name -> (algorithm, judge, yardstick key, log records),
+    judge "oracle", "self", "noisy" or "base" (the frozen base model): the algorithm gives the
+    colour and dash, the judge the marker. Panels: DualGap_0 to the true NE (last iterate; the
+    average faint), the regularised gap, the error of the judge each policy trains against."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for name, (algo, style, key, recs) in runs.items():
-        color, steps = COLORS.get(algo), [r["step"] for r in recs if "gap" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 6), layout="constrained")
+    for name, (algo, judge, key, recs) in runs.items():
+        kw = style(algo) | dict(marker=MARKERS[judge], ms=4)
         if key == "gap":
-            axes[1].plot(steps, [r["gap"] for r in recs if "gap" in r], style, color=color, label=name)
+            axes[1].plot(*curve(recs, "gap"), label=name, **kw)
         else:
-            axes[0].plot(steps, [r["gap0"] for r in recs if "gap" in r], style, color=color,
-                         label=f"{name} last")
-            axes[0].plot(steps, [r["avg_gap0"] for r in recs if "gap" in r], style, color=color, alpha=0.4,
-                         lw=3, label=f"{name} average")
-        err = [(r["step"], r["judge_err"]) for r in recs if "judge_err" in r]
-        if err:
-            axes[2].plot(*zip(*err), style, color=color, label=name)
-    titles = ("unregularised: DualGap_0 to the true NE", "regularised (base judge): DualGap_τ, τ = 0.1",
-              "error of the judge each policy trains against: mean |P̂ − P|")
+            axes[0].plot(*curve(recs, "gap0"), label=f"{name} last", **kw)
+            axes[0].plot(*curve(recs, "avg_gap0"), alpha=0.4, lw=3, label=f"{name} average",
+                         **kw)
+        if any("judge_err" in r for r in recs):
+            axes[2].plot(*curve(recs, "judge_err"), label=name, **kw)
+    titles = ("unregularised: DualGap_0 to the true NE",
+              "regularised: DualGap_τ, τ = 0.1",
+              "error of the judge each policy trains\nagainst: mean |P̂ − P|")
     for ax, title in zip(axes, titles):
         ax.set(xlabel="SGD step", title=title, yscale="log" if ax is not axes[2] else "linear")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=2)
+    keys = [plt.Line2D([], [], color="k", ls="", marker=marker, label=f"judge: {judge}")
+            for judge, marker in MARKERS.items()]
+    fig.legend(handles=keys, loc="outside upper center", ncols=len(keys))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
