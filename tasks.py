@@ -1,12 +1,17 @@
 """
-tasks.py: what train_lm.py trains on: two tasks behind one interface, so the loop and the steps read the same.
+tasks.py: what train_lm.py trains on: two tasks behind one interface, so the loop and the steps
+read the same.
     task.prompts, task.texts    chat-formatted token ids and the texts, one per prompt
-    task.vocab, task.stop_ids   the ids responses are drawn from (None: all) and those that end them
+    task.vocab, task.stop_ids   the ids responses are drawn from (None: all), and those that end
+                                them
     task.judge(model, r1, r2, adapters, both_orders) -> (P(y ≻ y') per pair (B,), stats)
-    task.measure(model, judges, avg) -> exact duality gaps of the policy and its average (toy), or {}
-ToyTask  (--model tiny): a tiny random Phi-3 answers 4 prompts with L tokens from {a, b, c}; each prompt is a
-         game from games.py, whose P judges; the policy can be enumerated, so its duality gap is exact.
-ChatTask (--model phi3): real prompts; the LM reads a judge prompt and answers "1" or "2" (SelfJudge).
+    task.measure(model, judges, avg)
+                                -> exact duality gaps of the policy and its average (toy), or {}
+ToyTask  (--model tiny): a tiny random Phi-3 answers 4 prompts with L tokens from {a, b, c}; each
+         prompt is a game from games.py, whose P judges; the policy can be enumerated, so its
+         duality gap is exact.
+ChatTask (--model phi3): real prompts; the LM reads a judge prompt and answers "1" or "2"
+         (SelfJudge).
 """
 import json
 import os
@@ -21,13 +26,14 @@ import nano_nash
 from model import GPT, GPTConfig, left_pad, sequence_logprobs
 from runs import UserError
 from tokenizer import load_tokenizer, tiny_tokenizer
-from weights import find_checkpoint, load_phi3, model_name, read_config
+from weights import find_checkpoint, load_model, model_name, read_config
 
 ROOT = Path(__file__).resolve().parent
 
 
 class Rollout(NamedTuple):
-    """Sampled responses: tokens, mask, resp (B, T) as generate returns them; k (B,) their prompts."""
+    """Sampled responses: tokens, mask, resp (B, T) as generate returns them; k (B,) their
+    prompts."""
     tokens: torch.Tensor
     mask: torch.Tensor
     resp: torch.Tensor
@@ -36,28 +42,43 @@ class Rollout(NamedTuple):
     def take(self, i):
         return Rollout(*(t[i] for t in self))
 
+    def response_ids(self):
+        """Each row's response, as a list of ids."""
+        return [t[r.bool()].tolist() for t, r in zip(self.tokens, self.resp)]
+
 
 class ToyTask:
-    """4 prompts, each its own game over the n = 3^L responses {a,b,c}^L. L = 1: rock-paper-scissors,
-    Gardner's dice, a weighted cycle, NLHF's 3-type game; L ≥ 2: random games. The judge is the game's P (an
-    oracle; with label noise ε the game is P_ε = ε + (1 − 2ε) P), or with self_judge the model itself reading
-    TOY_JUDGE (selfjudge.py teaches it). μ: the model's policy, adapters off."""
+    """4 prompts, each its own game over the n = 3^L responses {a,b,c}^L. L = 1:
+    rock-paper-scissors, Gardner's dice, a weighted cycle, NLHF's 3-type game; L ≥ 2: random
+    games. The judge is the game's P (an oracle; with label noise ε the game is
+    P_ε = ε + (1 − 2ε) P), or with self_judge the model itself reading TOY_JUDGE (selfjudge.py
+    teaches it). μ: the model's policy, adapters off."""
     def __init__(self, cfg, self_judge=False):
-        self.tok, L = tiny_tokenizer(), cfg.max_new_tokens
-        self.texts = ["RPS:", "Dice:", "Cycle:", "NLHF:"] if L == 1 else ["A:", "B:", "C:", "D:"]
+        L = cfg.max_new_tokens
+        self.tok = tiny_tokenizer()
+        if L == 1:
+            self.texts = ["RPS:", "Dice:", "Cycle:", "NLHF:"]
+            gs = [games.rps(), games.dice(), games.weighted_cycle(), games.nlhf3()]
+        else:
+            self.texts = ["A:", "B:", "C:", "D:"]
+            gs = [games.random_game(3 ** L, cfg.seed + k) for k in range(4)]
         self.user = [self.tok.encode(t) for t in self.texts]
-        self.prompts, self.stop_ids = [self.tok.chat(u) for u in self.user], ()
+        self.prompts = [self.tok.chat(u) for u in self.user]
+        self.stop_ids = ()
         self.vocab = torch.tensor([self.tok.encode(c)[0] for c in "abc"])
-        gs = [games.rps(), games.dice(), games.weighted_cycle(), games.nlhf3()] if L == 1 else \
-            [games.random_game(3 ** L, cfg.seed + k) for k in range(4)]
-        self.P = cfg.label_noise + (1 - 2 * cfg.label_noise) * torch.stack([g.P for g in gs])  # (K, n, n)
-        self.L, self.tau = L, cfg.tau
+        eps = cfg.label_noise
+        self.P = eps + (1 - 2 * eps) * torch.stack([g.P for g in gs])        # (K, n, n)
+        self.L = L
+        self.tau = cfg.tau
         self.judge = SelfJudge(self.tok, self.user, TOY_JUDGE) if self_judge else self.oracle
 
     def actions(self, r):
         """Each row's response as an index in {a,b,c}^L (base 3): (B,)."""
-        digits = (r.tokens[:, -self.L:, None] == self.vocab.to(r.tokens.device)).long().argmax(-1)   # (B, L)
-        return (digits * 3 ** torch.arange(self.L - 1, -1, -1, device=digits.device)).sum(-1)
+        vocab = self.vocab.to(r.tokens.device)
+        last = r.tokens[:, -self.L:, None]                          # (B, L, 1)
+        digits = (last == vocab).long().argmax(-1)                  # (B, L): 0, 1, 2 for a, b, c
+        powers = 3 ** torch.arange(self.L - 1, -1, -1, device=digits.device)
+        return (digits * powers).sum(-1)
 
     def oracle(self, model, r1, r2, adapters=None, both_orders=False):
         p = self.P[r1.k.cpu(), self.actions(r1).cpu(), self.actions(r2).cpu()]
@@ -68,86 +89,115 @@ class ToyTask:
 
     @torch.no_grad()
     def policy(self, model, adapter):
-        """The exact table π(y | x_k): (K, n), float64. One forward over all K·n prompt-response sequences."""
-        tokens, mask = left_pad([p + y for p in self.prompts for y in self.responses()], self.tok.pad_id)
+        """The exact table π(y | x_k): (K, n), float64. One forward over all K·n
+        prompt-response sequences."""
+        seqs = [p + y for p in self.prompts for y in self.responses()]
+        tokens, mask = left_pad(seqs, self.tok.pad_id)
         resp = torch.zeros_like(mask)
         resp[:, -self.L:] = 1
         dev = model.lm_head.weight.device
-        logp = sequence_logprobs(model, tokens.to(dev), mask.to(dev), resp.to(dev), adapter, self.vocab)
+        logp = sequence_logprobs(
+            model, tokens.to(dev), mask.to(dev), resp.to(dev), adapter, self.vocab
+        )
         return logp.double().exp().view(len(self.prompts), -1).cpu()
 
     @torch.no_grad()
     def measure(self, model, judges, avg):
-        """judges: trained adapter -> the adapter judging it. For each, the mean DualGap_τ (to π*_τ) and
-        DualGap_0 (to the NE) of its policy and of its average iterate (the mean of the tables logged so far;
-        avg is updated in place), and a self-judge's error |P̂ − P|. Keys of adapter 2 end in "_<name>"."""
-        mu, out = self.policy(model, None), {}
+        """judges: trained adapter -> the adapter judging it. For each, the mean DualGap_τ (to
+        π*_τ) and DualGap_0 (to the NE) of its policy and of its average iterate (the mean of the
+        tables logged so far; avg is updated in place), and a self-judge's error |P̂ − P|. Keys of
+        adapter 2 end in "_<name>"."""
+        mu = self.policy(model, None)
+        out = {}
         for i, (a, judge) in enumerate(judges.items()):
             pi = self.policy(model, a)
             total, n = avg.get(a, (0, 0))
             avg[a] = (total + pi, n + 1)
             end = f"_{a}" if i else ""
             for pre, p in (("", pi), ("avg_", avg[a][0] / avg[a][1])):
-                out[f"{pre}gap{end}"] = nano_nash.duality_gap(self.P, p, mu, self.tau).mean().item()
-                out[f"{pre}gap0{end}"] = nano_nash.duality_gap(self.P, p).mean().item()
+                gap = nano_nash.duality_gap(self.P, p, mu, self.tau)
+                gap0 = nano_nash.duality_gap(self.P, p)
+                out[f"{pre}gap{end}"] = gap.mean().item()
+                out[f"{pre}gap0{end}"] = gap0.mean().item()
             if isinstance(self.judge, SelfJudge):
                 out[f"judge_err{end}"] = self.judge.error(model, judge, self)
         return out
 
 
-JUDGE = ("Which response is better? Read the question and the two responses, then decide which response "
-         "answers the question better.\n\nQuestion:\n", "\n\nResponse 1:\n", "\n\nResponse 2:\n",
-         "\n\nOutput 1 or 2 and nothing else.")
-TOY_JUDGE = ("Judge ", " 1:", " 2:", " Better:")                  # short: the tiny model learns to read it
+JUDGE = (
+    "Which response is better? Read the question and the two responses, then decide which "
+    "response answers the question better.\n\nQuestion:\n",
+    "\n\nResponse 1:\n",
+    "\n\nResponse 2:\n",
+    "\n\nOutput 1 or 2 and nothing else.")
+TOY_JUDGE = ("Judge ", " 1:", " 2:", " Better:")      # short: the tiny model learns to read it
 
 
 class SelfJudge:
-    """An LM judges a pair from ids: the template's pieces, the prompt's ids as the policy saw them and each
-    response's generated ids minus every special id: no text can write a control token into its input."""
+    """An LM judges a pair from ids: the template's pieces, the prompt's ids as the policy saw
+    them and each response's generated ids minus every special id: no text can write a control
+    token into its input."""
     def __init__(self, tok, user, template):
-        self.tok, self.user = tok, user
-        self.pieces = [tok.encode(template[0])] + [tok.encode(p, dummy_prefix=False) for p in template[1:]]
+        self.tok = tok
+        self.user = user
+        first, *rest = template
+        self.pieces = [tok.encode(first)] + [tok.encode(p, dummy_prefix=False) for p in rest]
         self.answers = [tok.encode("1")[-1], tok.encode("2")[-1]]
 
     def ids(self, k, a, b):
-        a, b = ([i for i in ids if i not in self.tok.special_ids] for ids in (a, b))
-        p = self.pieces
-        return self.tok.chat(p[0] + self.user[k] + p[1] + a + p[2] + b + p[3])
+        a = [i for i in a if i not in self.tok.special_ids]
+        b = [i for i in b if i not in self.tok.special_ids]
+        question, before_a, before_b, end = self.pieces
+        user = question + self.user[k] + before_a + a + before_b + b + end
+        return self.tok.chat(user)
 
     def logits(self, model, ks, first, second, adapters):
-        """The judge's logits (B, 2) for the answers "1" and "2" on the pairs (first[b], second[b]): only
-        these two rows of lm_head are computed (the other V − 2 logits would be thrown away)."""
-        x, m = left_pad([self.ids(int(k), a, b) for k, a, b in zip(ks, first, second)], self.tok.pad_id)
+        """The judge's logits (B, 2) for the answers "1" and "2" on the pairs (first[b],
+        second[b]): only these two rows of lm_head are computed (the other V − 2 logits would be
+        thrown away)."""
+        rows = [self.ids(int(k), a, b) for k, a, b in zip(ks, first, second)]
+        x, m = left_pad(rows, self.tok.pad_id)
         dev = model.lm_head.weight.device
-        h = model.trunk(x.to(dev), adapters, mask=m.to(dev))[:, -1]                      # (B, C)
-        return h @ model.lm_head.weight[self.answers].T                                 # (B, 2)
+        h = model.trunk(x.to(dev), adapters, mask=m.to(dev))[:, -1]          # (B, C)
+        return h @ model.lm_head.weight[self.answers].T                     # (B, 2)
 
     @torch.no_grad()
     def __call__(self, model, r1, r2, adapters=None, both_orders=False):
-        """P(y ≻ y') per pair (B,) under `adapters` (None = the base, or one per pair), and the stats of
-        nano_nash.judge_preference."""
-        ys = [[r.tokens[b][r.resp[b].bool()].tolist() for b in range(len(r.k))] for r in (r1, r2)]
-        swapped = self.logits(model, r1.k, *ys[::-1], adapters) if both_orders else None
-        return nano_nash.judge_preference(self.logits(model, r1.k, *ys, adapters), swapped)
+        """P(y ≻ y') per pair (B,) under `adapters` (None = the base, or one per pair), and the
+        stats of nano_nash.judge_preference."""
+        y1 = r1.response_ids()
+        y2 = r2.response_ids()
+        swapped = self.logits(model, r1.k, y2, y1, adapters) if both_orders else None
+        logits = self.logits(model, r1.k, y1, y2, adapters)
+        return nano_nash.judge_preference(logits, swapped)
 
     def margins(self, model, adapter, task):
-        """logit(P̂(y ≻ y')) = logit "1" − logit "2" for every prompt and ordered toy pair: (K, n, n)."""
-        ys, K = task.responses(), len(self.user)
-        lg = self.logits(model, *zip(*[(k, a, b) for k in range(K) for a in ys for b in ys]), adapter)
+        """logit(P̂(y ≻ y')) = logit "1" − logit "2" for every prompt and ordered toy pair:
+        (K, n, n)."""
+        ys = task.responses()
+        K = len(self.user)
+        ks, first, second = zip(*[(k, a, b) for k in range(K) for a in ys for b in ys])
+        lg = self.logits(model, ks, first, second, adapter)
         return (lg[:, 0] - lg[:, 1]).view(K, len(ys), len(ys))
 
-    def error(self, model, adapter, task):                       # mean |P̂ − P| over every toy pair
-        return (torch.sigmoid(self.margins(model, adapter, task).double()).cpu() - task.P).abs().mean().item()
+    def error(self, model, adapter, task):
+        """The mean |P̂ − P| over every toy pair."""
+        P_hat = torch.sigmoid(self.margins(model, adapter, task).double()).cpu()
+        return (P_hat - task.P).abs().mean().item()
 
 
 class ChatTask:
     """Real prompts (cut to max_prompt_tokens); the model judges itself with JUDGE (SelfJudge)."""
     def __init__(self, tok, texts, max_prompt_tokens):
-        self.tok, self.texts, self.vocab, self.stop_ids = tok, texts, None, tok.stop_ids
-        self.user = [tok.encode(t) for t in texts]
-        if any(len(u) > max_prompt_tokens for u in self.user):
-            print(f"warning: prompts longer than {max_prompt_tokens} tokens were cut to that length")
-        self.user = [u[:max_prompt_tokens] for u in self.user]
+        self.tok = tok
+        self.texts = texts
+        self.vocab = None
+        self.stop_ids = tok.stop_ids
+        user = [tok.encode(t) for t in texts]
+        if any(len(u) > max_prompt_tokens for u in user):
+            print(f"warning: prompts longer than {max_prompt_tokens} tokens were cut to that "
+                  "length")
+        self.user = [u[:max_prompt_tokens] for u in user]
         self.prompts = [tok.chat(u) for u in self.user]
         self.judge = SelfJudge(tok, self.user, JUDGE)
 
@@ -156,97 +206,132 @@ class ChatTask:
 
 
 def load_prompts(path):
-    """JSON lines or a JSON array, of strings or {"prompt": ...} objects; or plain text, one prompt a line."""
+    """JSON lines or a JSON array, of strings or {"prompt": ...} objects; or plain text, one
+    prompt a line."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8-sig")              # -sig: a byte-order mark is not text
+        text = path.read_bytes().decode("utf-8-sig")          # -sig: a byte-order mark is not text
     except OSError as e:
-        raise UserError(f"cannot read prompts file {path} ({e.strerror}); pass --prompts FILE") from None
+        raise UserError(
+            f"cannot read prompts file {path} ({e.strerror}); pass --prompts FILE"
+        ) from None
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 (byte {e.start}); save it as UTF-8") from None
     lines = text.splitlines()
-    if path.suffix in (".json", ".jsonl") or (path.suffix != ".txt" and text.lstrip()[:1] in ("{", "[")):
+    first = text.lstrip()[:1]
+    json_text = path.suffix != ".txt" and first in ("{", "[")
+    if path.suffix in (".json", ".jsonl") or json_text:
         try:
-            array = text.lstrip()[:1] == "["
-            items = json.loads(text) if array else [json.loads(s) for s in lines if s.strip()]
+            if first == "[":
+                items = json.loads(text)
+            else:
+                items = [json.loads(s) for s in lines if s.strip()]
         except ValueError as e:
-            raise UserError(f"{path}: not valid JSON ({e}); write one {{\"prompt\": ...}} per line") from None
+            raise UserError(
+                f"{path}: not valid JSON ({e}); write one {{\"prompt\": ...}} per line"
+            ) from None
         lines = [x.get("prompt") if isinstance(x, dict) else x for x in items]
-        bad = next((i for i, x in enumerate(lines, 1) if not isinstance(x, str)), None)
-        if bad:
-            raise UserError(f"{path}: item {bad} is not a string or an object with a string \"prompt\" field")
+        for i, x in enumerate(lines, 1):
+            if not isinstance(x, str):
+                raise UserError(
+                    f"{path}: item {i} is not a string or an object with a string \"prompt\" field"
+                )
     kept = [s.strip() for s in lines if s.strip()]
     if len(kept) < len(lines):
         print(f"skipped {len(lines) - len(kept)} empty prompt(s) in {path}")
     if not kept:
-        raise UserError(f"{path} holds no prompts; write one prompt per line (or one {{\"prompt\": ...}})")
+        raise UserError(
+            f"{path} holds no prompts; write one prompt per line (or one {{\"prompt\": ...}})"
+        )
     return kept
 
 
-# ----------------------------------------------------------------------------------------------------------
+# -------------------------------------------------------------------------------------------------
 # setup: the device, the frozen base model and the task
 
 def pick_device(cfg):
-    gpu = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:                                                  # auto: the GPU for phi3, the CPU for the toy game
-        d = torch.device((gpu if cfg.model == "phi3" else "cpu") if cfg.device == "auto" else cfg.device)
+    mps = torch.backends.mps.is_available()
+    gpu = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    auto = gpu if cfg.model == "phi3" else "cpu"        # phi3: the GPU; the toy game: the CPU
+    try:
+        d = torch.device(auto if cfg.device == "auto" else cfg.device)
     except RuntimeError:
         d = None
-    ok = d is not None and (d.type == "cpu" or (d.type == "mps" and torch.backends.mps.is_available()) or
-                            (d.type == "cuda" and (d.index or 0) < torch.cuda.device_count()))
+    ok = d is not None and (
+        d.type == "cpu"
+        or (d.type == "mps" and mps)
+        or (d.type == "cuda" and (d.index or 0) < torch.cuda.device_count())
+    )
     if not ok:
-        raise UserError(f"--device {cfg.device} is not a device of this machine; use auto, cpu, cuda, cuda:N "
-                        f"(here {torch.cuda.device_count()} GPU(s)) or mps")
+        raise UserError(
+            f"--device {cfg.device} is not a device of this machine; use auto, cpu, cuda, cuda:N "
+            f"(here {torch.cuda.device_count()} GPU(s)) or mps"
+        )
     return d
 
 
 def find_weights(cfg):
-    """--weights, else $NANO_NASH_WEIGHTS, else the Hugging Face cache ($HF_HUB_CACHE or $HF_HOME/hub)."""
+    """--weights, else $NANO_NASH_WEIGHTS, else the Hugging Face cache ($HF_HUB_CACHE or
+    $HF_HOME/hub)."""
     given = cfg.weights or os.environ.get("NANO_NASH_WEIGHTS")
-    hub = os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub"
-    path = Path(given or Path(hub) / "models--microsoft--Phi-3-mini-4k-instruct").expanduser()
+    home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+    hub = os.environ.get("HF_HUB_CACHE") or Path(home) / "hub"
+    cached = Path(hub) / "models--microsoft--Phi-3-mini-4k-instruct"
+    path = Path(given or cached).expanduser()
     if not given and not path.is_dir():
-        raise UserError(f"Phi-3 weights not found (no --weights, no $NANO_NASH_WEIGHTS, nothing at {path}); "
-                        "get them with `huggingface-cli download microsoft/Phi-3-mini-4k-instruct "
-                        "--local-dir DIR` and pass --weights DIR")
+        raise UserError(
+            f"Phi-3 weights not found (no --weights, no $NANO_NASH_WEIGHTS, nothing at {path}); "
+            "get them with `huggingface-cli download microsoft/Phi-3-mini-4k-instruct "
+            "--local-dir DIR` and pass --weights DIR"
+        )
     return find_checkpoint(path)
 
 
 def setup(cfg, held_out=False):
-    """(frozen base model, task, base model's name). The real run checks everything cheap first (prompts,
-    device, config.json, tokenizer, lengths) and loads the weights last. held_out: every 10th prompt."""
+    """(frozen base model, task, base model's name). The real run checks everything cheap first
+    (prompts, device, config.json, tokenizer, lengths) and loads the weights last. held_out: every
+    10th prompt."""
     device = pick_device(cfg)
     if cfg.model == "tiny":
         torch.set_num_threads(1)           # tiny matrices: more threads only add overhead
         torch.manual_seed(cfg.seed)
         model = GPT(GPTConfig.from_name("tiny"))
-        # After the final RMSNorm |h| = √C, so with GPT-2's std 0.02 every logit is within ±1.3 and the LoRA
-        # players could not express a policy sharper than ~4:1; a wider output layer fixes that.
-        torch.nn.init.normal_(model.lm_head.weight, std=0.06)
         return model.to(device), ToyTask(cfg), "tiny"
     prompts = Path(cfg.prompts or ROOT / "data" / "prompts.jsonl")
     texts = load_prompts(prompts)
     if held_out and len(texts) < 10:
-        raise UserError(f"--eval holds out every 10th prompt and {prompts} has only {len(texts)}; give 10+")
-    texts = [t for i, t in enumerate(texts) if (i % 10 == 9) == held_out] or texts
+        raise UserError(
+            f"--eval holds out every 10th prompt and {prompts} has only {len(texts)}; give 10+"
+        )
+    texts = [t for i, t in enumerate(texts)
+             if (i % 10 == 9) == held_out] or texts
     folder = find_weights(cfg)
     config = read_config(folder / "config.json")
     if not (folder / "tokenizer.json").is_file():
-        raise UserError(f"{folder} has no tokenizer.json; download it with the weights, from the same model")
+        raise UserError(
+            f"{folder} has no tokenizer.json; download it with the weights, from the same model"
+        )
     try:
         tok = load_tokenizer(folder)
-    except (OSError, ValueError) as e:                     # missing, not JSON, or not Phi-3's kind of BPE
+    except (OSError, ValueError) as e:       # missing, not JSON, or not Phi-3's kind of BPE
         raise UserError(str(e)) from None
     if tok.vocab_size > config.vocab_size:
-        raise UserError(f"{folder}: the tokenizer has ids up to {tok.vocab_size - 1}, the model's vocabulary "
-                        f"only {config.vocab_size}; tokenizer.json and config.json are from different models")
+        raise UserError(
+            f"{folder}: the tokenizer has ids up to {tok.vocab_size - 1}, the model's vocabulary "
+            f"only {config.vocab_size}; tokenizer.json and config.json are from different models"
+        )
     task = ChatTask(tok, texts, cfg.max_prompt_tokens)
     longest = max(map(len, task.prompts)) + cfg.max_new_tokens
     judge = len(task.judge.ids(0, [], [])) + cfg.max_prompt_tokens + 2 * cfg.max_new_tokens
     if max(longest, judge) > config.block_size:
-        raise UserError(f"a judge prompt can reach {judge} tokens, more than the model's context "
-                        f"{config.block_size}; lower --max_new_tokens or --max_prompt_tokens")
-    dtype = {"auto": torch.bfloat16 if device.type != "cpu" else torch.float32, "bfloat16": torch.bfloat16,
-             "float32": torch.float32}[cfg.dtype]
-    model, _ = load_phi3(folder, device, dtype)
+        raise UserError(
+            f"a judge prompt can reach {judge} tokens, more than the model's context "
+            f"{config.block_size}; lower --max_new_tokens or --max_prompt_tokens"
+        )
+    dtype = {
+        "auto": torch.bfloat16 if device.type != "cpu" else torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float32": torch.float32,
+    }[cfg.dtype]
+    model, _ = load_model(folder, device, dtype)
     return model, task, model_name(folder)

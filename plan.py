@@ -1,0 +1,137 @@
+"""
+plan.py: what a train_lm.py command line runs: the config of each run (the presets, then the flags),
+checked before anything is loaded; how its errors end (one line); the report of the toy comparison.
+
+    python train_lm.py                  # --algo all: each algorithm of the toy comparison
+    python train_lm.py --algo sppo      # one of them
+
+--algo all runs the entries of train_lm.ALGOS marked in_all, one after the other, each with its own
+defaults (config); then a table of their exact gaps (each by its yardstick) and
+figures/lm_convergence.png: their curves beside games.py's closed forms on the same games.
+"""
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+import games
+import train_lm
+from runs import UserError, distributed
+from tasks import setup
+from weights import CheckpointError
+
+CHECKS = [  # (flags, what must hold, what it must be): every number, before anything is loaded
+    ("batch_size samples max_new_tokens lora_rank save_every log_every max_prompt_tokens "
+     "iter_steps micro_batches", lambda v: v >= 1, "a positive integer"),
+    ("max_steps", lambda v: 0 <= v < 10**9, "an integer >= 0"),
+    ("lr tau eta temperature", lambda v: 0 < v < math.inf, "a finite number > 0"),
+    ("adam_beta1 mix_beta", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("label_noise", lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    ("seed", lambda v: 0 <= v < 2**63, "an integer in [0, 2^63)"),
+    ("dtype", lambda v: v in ("auto", "bfloat16", "float32"), "auto, bfloat16 or float32"),
+]
+
+
+def config(algo, model="tiny", **given):
+    """One run's config: TrainConfig's defaults, the model's preset (train_lm.MODELS), the
+    algorithm's preset for that model (train_lm.ALGOS[algo].tiny or .phi3), then the flags given."""
+    preset = {**train_lm.MODELS[model], **getattr(train_lm.ALGOS[algo], model)}
+    return train_lm.TrainConfig(**{**preset, **given, "algo": algo, "model": model})
+
+
+def check(cfg, world=1):
+    """cfg, or the one-line error of the first thing wrong with it (world: processes)."""
+    for names, ok, what in CHECKS:
+        for name in names.split():
+            v = getattr(cfg, name)
+            if not ok(v):                             # nan fails every comparison: it lands here
+                raise UserError(f"--{name} must be {what}, got {v}")
+    toy = cfg.model == "tiny"
+    if cfg.algo == "inpo" and cfg.eta * cfg.tau > 1:
+        raise UserError(f"INPO needs --eta x --tau <= 1 (got {cfg.eta * cfg.tau:g}); "
+                        "the paper uses 1/3")
+    if toy and (cfg.temperature != 1 or cfg.max_new_tokens > 4):
+        raise UserError("the toy game needs --temperature 1 (its exact gap assumes y ~ π) and "
+                        "--max_new_tokens <= 4 (3^L responses are enumerated)")
+    if toy and (cfg.prompts or cfg.weights):
+        raise UserError("--prompts and --weights apply to --model phi3; the toy game has its own")
+    if not toy and cfg.label_noise:
+        raise UserError("--label_noise is for the toy game (--model tiny), whose judge is an "
+                        "oracle")
+    if cfg.batch_size % world:
+        raise UserError(f"--batch_size {cfg.batch_size} is the global batch and must be divisible "
+                        f"by the number of processes ({world}), e.g. {world * cfg.batch_size}")
+    if (cfg.dry_run or cfg.eval) and world > 1:
+        raise UserError("--eval and --dry_run run in one process: start them with python, not "
+                        "torchrun")
+    return cfg
+
+
+def configs(given, world=1):
+    """{run name: its config, checked} for the flags `given` ({name: value}): one algorithm, or
+    (tiny, --algo all, the default) every algorithm of the toy comparison."""
+    models, algos = train_lm.MODELS, train_lm.ALGOS
+    model = given.get("model", "tiny")
+    if model not in models:
+        raise UserError(f"unknown --model {model!r}; choose {' or '.join(models)}")
+    toy = model == "tiny"
+    algo = given.get("algo") or ("all" if toy else "lana")
+    if algo not in algos and not (algo == "all" and toy):
+        also = " or all" if toy else " (all is the toy game's comparison)"
+        raise UserError(f"unknown --algo {algo!r}; choose one of {', '.join(algos)}{also}")
+    names = [a for a in algos if algos[a].in_all] if algo == "all" else [algo]
+    return {a: check(config(**{**given, "algo": a}), world) for a in names}
+
+
+def report(cfgs, logs):
+    """The toy runs' exact gaps (start, final, average iterate); with --algo all, the figure."""
+    cfg = next(iter(cfgs.values()))
+    if cfg.model != "tiny":
+        return
+    print("\nexact gap of the LM policy, mean over prompts (DualGap_τ with τ = 0.1, or DualGap_0):")
+    for name, recs in logs.items():
+        key = train_lm.ALGOS[name].gap
+        g = [r[key] for r in recs if key in r]
+        kind = "DualGap_0" if key == "gap0" else "DualGap_τ"
+        print(f"  {name:13s} {kind}  start {g[0]:.3e}  final {g[-1]:.3e} "
+              f"({g[0] / g[-1]:5.1f}x lower)  average iterate {recs[-1]['avg_' + key]:.3e}")
+    if len(cfgs) == 1 or not cfg.figure:
+        return
+    cfg = cfgs["inpo"]                  # its τ, η and iter_steps: SPPO's too (toy presets)
+    model, task, _ = setup(cfg)
+    every = {}                          # SGD steps per closed-form step
+    for name in logs:
+        iterates = train_lm.ALGOS[name].iterates
+        every[name] = cfg.iter_steps if iterates else 1
+    closed = games.reference_curves(
+        task.P,
+        task.policy(model, None),
+        every,
+        tau=cfg.tau,
+        eta=cfg.eta,
+        beta=cfg.mix_beta,
+        lr=3.0,
+        steps=cfg.max_steps,
+    )
+    runs = {name: (train_lm.ALGOS[name].gap, recs) for name, recs in logs.items()}
+    train_lm.draw(runs, Path(cfg.figure), closed)
+    print(f"wrote {cfg.figure}")
+
+
+def command_line(main, given):
+    """main(given, shard) under torchrun or not; an error the user can fix ends the process with one
+    line "error: ..." and exit code 1 (with --debug: the traceback)."""
+    try:
+        with distributed() as shard:
+            main(given, shard)
+    except (UserError, CheckpointError, OSError, torch.OutOfMemoryError, KeyboardInterrupt) as e:
+        if given.get("debug"):
+            raise
+        what = {
+            torch.OutOfMemoryError: "out of memory: lower --batch_size or --max_new_tokens, or use "
+                                    "a bigger device",
+            KeyboardInterrupt: "interrupted; --resume goes on from the last checkpoint",
+        }.get(type(e), str(e))
+        print(f"error: {what.splitlines()[0] if what else type(e).__name__}", file=sys.stderr)
+        sys.exit(1)
