@@ -45,22 +45,19 @@ class UserError(Exception):
 
 def flags(config, doc, argv=None):
     """The command line of every script, from its config dataclass: one --name per field, typed by
-    the field's annotation (booleans: --name / --no-name), help from the docstring's first line.
+    the field's annotation (booleans: --name / --no-name), help: the docstring's first paragraph.
     Returns only the flags the user gave, {name: value}: the script layers them over its defaults
     (and train_lm.py over its presets). A bad flag is one line and exit code 1, like every user
     error here."""
-    about = (doc or "").strip().split("\n")[0]          # python -OO strips docstrings: doc is None
+    about = (doc or "").strip().split("\n\n")[0]       # python -OO strips docstrings: doc is None
     p = argparse.ArgumentParser(description=about, argument_default=argparse.SUPPRESS)
     p.error = lambda msg: p.exit(1, f"error: {msg} (see --help)\n")
     # typed by the annotation, not the default: `lr: float = 1` takes 3e-4, `steps: int = None`
     # takes 10; get_type_hints also reads annotations written as strings
-    hints = typing.get_type_hints(config)
     for f in dataclasses.fields(config):
-        kind = hints[f.name]
-        if kind is bool:
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction)
-        else:
-            p.add_argument(f"--{f.name}", type=kind)
+        kind = typing.get_type_hints(config)[f.name]
+        how = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
+        p.add_argument(f"--{f.name}", help=f"default: {f.default!r}", **how)
     return vars(p.parse_args(argv))
 
 
