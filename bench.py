@@ -10,6 +10,9 @@
     python bench.py --only memory            # one step's memory, ours vs the peers' layout
     python bench.py --load-rss --only none   # peak RSS while loading a ~1 GB checkpoint
     .venv-bench/bin/python bench.py          # with TRL (requirements-bench.txt): Nash-MD-PG's peer
+    python bench.py --smollm2 [DIR]          # the real SmolLM2-135M-Instruct instead of the tiny
+                                             # model: decoding vs transformers, a step per algorithm
+    python bench.py --smollm2 --dtype float32 bfloat16   # its rows in both weight dtypes
 
 Each benchmark returns results {name, ours, reference, ratio, unit, notes} (ratio > 1: ours is
 better; reference and ratio are null where no peer exists); add one by writing such a function and
@@ -24,6 +27,13 @@ exactly T new tokens (stop ids off), the model judging itself; same shapes as TR
 same weights. The profile splits each step into generation (train_lm.sample), judging (task.judge),
 log-prob forwards (train_lm.score) and the rest (loss, backward, optimizer). Memory compares
 memory.memory with the peers' layout for Phi-3-mini at LANA's paper settings (no timing).
+
+--smollm2 runs the same kinds of rows on real weights: SmolLM2-135M-Instruct (the folder DIR, else
+$NANO_NASH_SMOLLM2, else where ../shared/assets/smollm2/fetch.sh puts it). Decoding: the first chat
+prompts of data/prompts.jsonl (left-padded), batch 4 and 1, ours vs transformers' generate on the
+same folder. Steps: the real run as train_lm.py builds it (tasks.setup, the smollm2 preset, the
+same prompts, the model judging itself), stop ids off. --dtype bfloat16 loads the weights in
+bfloat16 on both sides (this CPU has AVX512-BF16), float32 the default.
 """
 import argparse
 import functools
@@ -37,7 +47,7 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from unittest.mock import patch
@@ -48,11 +58,14 @@ import memory
 import plan
 import tasks
 import train_lm
-from model import GPT, GPTConfig, generate
+from model import GPT, GPTConfig, generate, left_pad
 from tokenizer import load_tokenizer, tiny_tokenizer
-from weights import load_model
+from weights import CheckpointError, find_checkpoint, load_model
 
-PHI3_TOKENIZER = Path(__file__).resolve().parent / ".." / "shared" / "assets" / "phi3-tokenizer"
+ROOT = Path(__file__).resolve().parent
+PHI3_TOKENIZER = ROOT / ".." / "shared" / "assets" / "phi3-tokenizer"
+PROMPTS = ROOT / "data" / "prompts.jsonl"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -80,6 +93,9 @@ class BenchConfig:
     temperature: float = 0.9       # TRL's default sampling temperature
     tau: float = 0.1               # Nash-MD-PG's KL coefficient (TRL's beta); others: phi3's
     compile: bool = True           # also time ours through generate(compile=True) (--eager: not)
+    smollm2: str = ""              # SmolLM2's folder: its rows instead of the tiny model's
+    dtypes: tuple = ("float32",)   # SmolLM2's rows: the weights' dtype(s), both sides
+    smollm2_flags: dict = field(default_factory=dict)   # SmolLM2's steps: over its preset
 
 
 def timed_pair(ours, reference, repeats, clock):
@@ -134,34 +150,49 @@ def bench_forward(cfg, pair):
     return [result(name, x.numel() / t_ours, x.numel() / t_ref, "tokens/s")]
 
 
-def bench_generate(cfg, pair):
-    """Exactly new_tokens per row (no stop tokens; HF forced with min_new_tokens), KV cache on both
-    sides."""
-    hf, ours = pair()
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(3, cfg.vocab, (cfg.batch, cfg.prompt_len), generator=g)
-    n, out = cfg.batch * cfg.new_tokens, []
+def decode_rows(cfg, hf, ours, prompts, pad_id, g, prefix=""):
+    """Ours vs transformers' generate on id-list prompts (left-padded, masked on both sides):
+    greedy and sampled at temperature 1, ours eager and compiled; exactly new_tokens per row (no
+    stop ids; transformers forced with min_new_tokens), KV cache on both sides. g: our sampler's
+    generator; prefix: the start of each row's name. A greedy row also says on how many rows the
+    two decoded the same tokens."""
+    x, mask = left_pad(prompts, pad_id)
+    B, N, out = len(prompts), cfg.new_tokens, []
     samplings = (("greedy", 0.0), ("sample T=1", 1.0))
     for (name, temp), comp in itertools.product(samplings, modes(cfg)):
-        kw = dict(do_sample=temp > 0, max_new_tokens=cfg.new_tokens, min_new_tokens=cfg.new_tokens,
-                  pad_token_id=0, eos_token_id=None)
+        kw = dict(do_sample=temp > 0, max_new_tokens=N, min_new_tokens=N, pad_token_id=pad_id,
+                  eos_token_id=None)
         if temp > 0:
             kw.update(temperature=temp, top_p=1.0, top_k=0)
 
         def run():
-            return generate(ours, prompts.tolist(), cfg.new_tokens, temperature=temp, generator=g,
+            return generate(ours, prompts, N, temperature=temp, generator=g, pad_id=pad_id,
                             compile=comp)
 
         def reference():
-            return hf.generate(prompts, attention_mask=torch.ones_like(prompts), **kw)
+            return hf.generate(x, attention_mask=mask, **kw)
         t0 = time.perf_counter()
-        run()                                            # compiles, the first time a shape is seen
+        mine = run()[0]                                  # compiles, the first time a shape is seen
         first = time.perf_counter() - t0
+        same = ""
+        if temp == 0:
+            theirs = reference()
+            agree = (mine[:, -N:] == theirs[:, -N:]).all(1).sum()
+            same = f"; the same {N} greedy tokens as transformers on {agree} of {B} rows"
         t_ours, t_ref = timed_pair(run, reference, cfg.repeats, cfg.clock)
-        label = f"generate {name}{', compiled' * comp} (B={cfg.batch}, {cfg.new_tokens} new)"
-        notes = (f"{1e3 * t_ours / cfg.new_tokens:.2f} ms per decode step (transformers "
-                 f"{1e3 * t_ref / cfg.new_tokens:.2f} ms); first call {first:.1f} s")
-        out.append(result(label, n / t_ours, n / t_ref, "tokens/s", notes=notes))
+        label = f"{prefix}generate {name}{', compiled' * comp} (B={B}, {N} new)"
+        notes = (f"{1e3 * t_ours / N:.2f} ms per decode step (transformers "
+                 f"{1e3 * t_ref / N:.2f} ms); first call {first:.1f} s{same}")
+        out.append(result(label, B * N / t_ours, B * N / t_ref, "tokens/s", notes=notes))
+    return out
+
+
+def bench_generate(cfg, pair):
+    """Decoding on the tiny model: random prompts of prompt_len ids."""
+    hf, ours = pair()
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, cfg.vocab, (cfg.batch, cfg.prompt_len), generator=g)
+    out = decode_rows(cfg, hf, ours, prompts.tolist(), 0, g)
     h, W = torch.randn(cfg.batch, cfg.hidden), ours.lm_head.weight
     lm_head = timed_pair(lambda: h @ W.T, lambda: None, 50, cfg.clock)[0]   # warm: in its own loop
     out[0]["notes"] += f"; the lm_head matmul alone (B={cfg.batch}, warm) {1e3 * lm_head:.2f} ms"
@@ -220,11 +251,54 @@ def step_profile(task):
         yield seconds
 
 
+def train_step(model, task, cfg, k, gen, opt):
+    """One step as train_lm.train's loop takes it: ALGOS[cfg.algo].step over the slots k in
+    cfg.micro_batches chunks (each draws the step's numbers again from the same generator state and
+    keeps its own rows), each loss weighted by its share of the slots, backward; then AdamW.
+    Returns the last chunk's stats, with ntok summed over the chunks."""
+    step, slots = train_lm.ALGOS[cfg.algo].step, len(k)
+    at, ntok = gen.get_state(), 0
+    opt.zero_grad(set_to_none=True)
+    for rows in torch.arange(slots, device=k.device).tensor_split(cfg.micro_batches):
+        gen.set_state(at)
+        rng = partial(train_lm.uniforms, gen, slots, rows)
+        loss, st = step(model, task, cfg, k[rows], rng)
+        (loss * len(rows) / slots).backward()
+        ntok += int(st["ntok"])
+    opt.step()
+    return {**st, "ntok": ntok}
+
+
+def timed_steps(model, task, tcfg, n_steps):
+    """Seconds of n_steps train_steps (after one warm-up step, which compiles with tcfg.compile)
+    with the algorithm's adapters added to model, the median step's profile, and the sampled
+    response tokens per step."""
+    spec = train_lm.ALGOS[tcfg.algo]
+    for name in spec.adapters:
+        model.add_adapter(name, tcfg.lora_rank, 2 * tcfg.lora_rank)
+    model.checkpointing = tcfg.grad_checkpoint
+    params = [p for name in spec.judges for p in model.lora_parameters(name)]   # the trained ones
+    opt = torch.optim.AdamW(params, lr=tcfg.lr, betas=(tcfg.adam_beta1, 0.999), weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    k = torch.arange(tcfg.batch_size).repeat_interleave(tcfg.samples)   # prompt k of slot k
+
+    times, profiles = [], []
+    for step in range(n_steps + 1):
+        with step_profile(task) as prof:
+            t0 = time.perf_counter()
+            st = train_step(model, task, tcfg, k, gen, opt)
+            dt = time.perf_counter() - t0
+        if step > 0:                                               # step 0 is the warm-up
+            times.append(dt)
+            profiles.append(dict(prof, total=dt))
+    mid = sorted(profiles, key=lambda p: p["total"])[len(profiles) // 2]
+    mid["loss+backward+optimizer"] = mid["total"] - sum(v for p, v in mid.items() if p != "total")
+    return times, mid, st["ntok"]
+
+
 def our_steps(cfg, algo, T, n_steps, comp):
-    """Seconds of n_steps steps of ALGOS[algo].step + backward + AdamW (after one warm-up step,
-    which compiles with comp), the median step's profile, and the sampled response tokens per step
-    (the step's ntok)."""
-    spec = train_lm.ALGOS[algo]
+    """timed_steps on a random Phi-3 of the TRL side's shape, batch cfg.batch, exactly T new
+    tokens; and the tokenizer's name."""
     peer = dict(tau=cfg.tau) if algo == "nash_md_pg" else {}   # TRL's settings for its peer
     tcfg = plan.config(algo, model="phi3", batch_size=cfg.batch, samples=1, max_new_tokens=T,
                        temperature=cfg.temperature, mix_beta=cfg.mix_beta, compile=comp, **peer)
@@ -232,29 +306,15 @@ def our_steps(cfg, algo, T, n_steps, comp):
     model = GPT(GPTConfig(vocab_size=cfg.vocab, n_layer=cfg.layers, n_head=cfg.heads,
                           n_kv_head=cfg.heads, n_embd=cfg.hidden,
                           intermediate_size=cfg.step_intermediate))
-    for name in spec.adapters:
-        model.add_adapter(name, tcfg.lora_rank, 2 * tcfg.lora_rank)
-    params = [p for name in spec.judges for p in model.lora_parameters(name)]   # the trained ones
-    opt = torch.optim.AdamW(params, lr=tcfg.lr, betas=(tcfg.adam_beta1, 0.999), weight_decay=0.0)
     task, tok_name = step_task(cfg, tcfg.max_prompt_tokens)
-    gen, k = torch.Generator().manual_seed(0), torch.arange(cfg.batch)      # prompt k of slot k
-    rng = partial(train_lm.uniforms, gen, len(k), slice(None))
+    return *timed_steps(model, task, tcfg, n_steps), tok_name
 
-    times, profiles = [], []
-    for step in range(n_steps + 1):
-        with step_profile(task) as prof:
-            t0 = time.perf_counter()
-            loss, st = spec.step(model, task, tcfg, k, rng)        # what train_lm's loop does
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            dt = time.perf_counter() - t0
-        if step > 0:                                               # step 0 is the warm-up
-            times.append(dt)
-            profiles.append(dict(prof, total=dt))
-    mid = sorted(profiles, key=lambda p: p["total"])[len(profiles) // 2]
-    mid["loss+backward+optimizer"] = mid["total"] - sum(v for p, v in mid.items() if p != "total")
-    return times, mid, int(st["ntok"]), tok_name
+
+def profile_line(name, prof):
+    """A step's profile as one printed line: its parts' seconds and shares."""
+    parts = " + ".join(f"{p} {s:.3f} ({100 * s / prof['total']:.0f}%)"
+                       for p, s in prof.items() if p != "total")
+    print(f"  profile {name}: {prof['total']:.3f} s = {parts}")
 
 
 def bench_steps(cfg, pair=None):
@@ -302,9 +362,7 @@ def bench_steps(cfg, pair=None):
                                "NashMDTrainer, full fine-tuning, judge = a same-shape reward model "
                                "(Bradley-Terry), TRL defaults (gradient checkpointing on, so no KV "
                                f"cache) -- {ref['notes']}")
-            parts = " + ".join(f"{p} {s:.3f} ({100 * s / prof['total']:.0f}%)"
-                               for p, s in prof.items() if p != "total")
-            print(f"  profile {name}: {prof['total']:.3f} s = {parts}")
+            profile_line(name, prof)
             out.append(r)
     return out
 
@@ -366,6 +424,91 @@ BENCHMARKS = [bench_forward, bench_generate, bench_steps, bench_memory]
 
 
 # --------------------------------------------------------------------------------------------------
+# --smollm2: real weights, SmolLM2-135M-Instruct, ours vs transformers on the same folder
+
+def find_smollm2(given):
+    """The folder of --smollm2 DIR, else $NANO_NASH_SMOLLM2, else where fetch.sh puts it (the
+    Hugging Face cache layout works too); one error line and exit 1 when there is none."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    default = cache / "nano-nash" / "smollm2-135m-instruct"
+    path = given or os.environ.get("NANO_NASH_SMOLLM2") or default
+    try:
+        return find_checkpoint(path)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}; ../shared/assets/smollm2/fetch.sh fetches SmolLM2-135M-Instruct")
+
+
+def real_pair(folder, dtype):
+    """transformers' model and ours, both loaded from `folder` in `dtype` (a key of DTYPES), and
+    the folder's tokenizer."""
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype]).eval()
+    ours, _ = load_model(folder, "cpu", DTYPES[dtype])
+    return hf, ours, load_tokenizer(folder)
+
+
+def real_pairs(folder):
+    """real_pair(folder, dtype), each dtype loaded once: the `pair` of the SmolLM2 benchmarks."""
+    return functools.cache(partial(real_pair, folder))
+
+
+def bench_smollm2_generate(cfg, pair):
+    """Decoding on the real model, per dtype: the first cfg.batch prompts of data/prompts.jsonl in
+    the model's chat format (of different lengths: left-padded), then the first alone."""
+    out = []
+    for dtype in cfg.dtypes:
+        hf, ours, tok = pair(dtype)
+        texts = tasks.load_prompts(PROMPTS)[:cfg.batch]
+        chats = [tok.chat(tok.encode(t)) for t in texts]
+        for B in dict.fromkeys((cfg.batch, 1)):
+            g = torch.Generator().manual_seed(0)
+            out += decode_rows(cfg, hf, ours, chats[:B], tok.pad_id, g, f"SmolLM2 {dtype} ")
+    return out
+
+
+def smollm2_run(cfg, algo, dtype, comp):
+    """The real run's model, task and config for algo on SmolLM2, as train_lm.py builds them
+    (tasks.setup): its preset, the chat prompts of data/prompts.jsonl, the model judging itself;
+    on the CPU in dtype, with stop ids off (every response has max_new_tokens tokens)."""
+    tcfg = plan.config(algo, model="smollm2", weights=str(cfg.smollm2), prompts=str(PROMPTS),
+                       device="cpu", dtype=dtype, compile=comp, **cfg.smollm2_flags)
+    model, task, _ = tasks.setup(plan.check(tcfg))
+    task.stop_ids = ()
+    return model, task, tcfg
+
+
+def bench_smollm2_steps(cfg, pair=None):
+    """One training step per algorithm (train_lm.ALGOS, but the variants) on the real model, per
+    dtype; no peer (absolute numbers)."""
+    out = []
+    algos = [a for a, spec in train_lm.ALGOS.items() if not spec.variant]
+    for dtype, algo, comp in itertools.product(cfg.dtypes, algos, modes(cfg)):
+        model, task, tcfg = smollm2_run(cfg, algo, dtype, comp)
+        torch.manual_seed(tcfg.seed)                     # the adapters' init, as in train_lm.train
+        times, prof, ntok = timed_steps(model, task, tcfg, cfg.steps)
+        ours_s = statistics.median(times)
+        S, N = tcfg.batch_size * tcfg.samples, tcfg.max_new_tokens
+        label = train_lm.ALGOS[algo].label
+        name = f"SmolLM2 {dtype} {label} step{', compiled' * comp} (B={S}, {N} new)"
+        times_s = ", ".join(f"{t:.2f}" for t in times)
+        notes = (f"ours: train_lm.ALGOS[{algo!r}].step + backward + AdamW on "
+                 f"SmolLM2-135M-Instruct ({cfg.smollm2}) as train_lm.py --model smollm2 builds "
+                 f"it: batch {tcfg.batch_size} x {tcfg.samples} samples, LoRA r={tcfg.lora_rank}, "
+                 f"temperature {tcfg.temperature}, judge_both_orders {tcfg.judge_both_orders}, "
+                 f"the prompts of {PROMPTS.name} in ChatML, self-judge; stop ids off; median of "
+                 f"{cfg.steps} steps ({times_s} s); {ntok} sampled tokens/step = "
+                 f"{ntok / ours_s:.0f} tokens/s")
+        profile_line(name, prof)
+        profile = {part: round(sec, 4) for part, sec in prof.items()}   # the median step
+        out.append(dict(name=name, ours=ours_s, reference=None, ratio=None, unit="s/step",
+                        notes=notes, profile=profile))
+    return out
+
+
+SMOLLM2_BENCHMARKS = [bench_smollm2_generate, bench_smollm2_steps]
+
+
+# --------------------------------------------------------------------------------------------------
 # --load-rss: peak memory while loading a checkpoint, in a fresh process
 
 RSS_CHILD = """
@@ -424,10 +567,14 @@ def main(cfg, json_path=None, load_rss=False, only=None):
     torch.set_num_threads(cfg.threads)
     print(f"bench: {cfg}\ntorch {torch.__version__}, {cfg.threads} threads, {cfg.clock} clock, "
           f"load {os.getloadavg()[0]:.1f}")
-    benches = [b for b in BENCHMARKS if not only or any(o in b.__name__ for o in only)]
+    pool = SMOLLM2_BENCHMARKS if cfg.smollm2 else BENCHMARKS
+    benches = [b for b in pool if not only or any(o in b.__name__ for o in only)]
     results = []
     with tempfile.TemporaryDirectory() as d:
-        pair = functools.cache(lambda: tiny_pair(cfg, d))    # built when a benchmark first needs it
+        if cfg.smollm2:                                 # built when a benchmark first needs them
+            pair = real_pairs(cfg.smollm2)
+        else:
+            pair = functools.cache(lambda: tiny_pair(cfg, d))
         for bench in benches:
             for r in bench(cfg, pair):
                 print(table([r]).splitlines()[1], flush=True)
@@ -463,10 +610,18 @@ if __name__ == "__main__":
     ap.add_argument("--threads", type=int, default=BenchConfig.threads)
     ap.add_argument("--clock", choices=("wall", "cpu"), default=BenchConfig.clock)
     ap.add_argument("--eager", action="store_true", help="time ours eager only (no compiled rows)")
+    ap.add_argument("--smollm2", nargs="?", const="", metavar="DIR",
+                    help="the real SmolLM2-135M-Instruct's rows (generate, steps) instead of the "
+                         "tiny model's: DIR, else $NANO_NASH_SMOLLM2, else fetch.sh's folder")
+    ap.add_argument("--dtype", nargs="+", choices=DTYPES, default=BenchConfig.dtypes,
+                    help="with --smollm2: the weights' dtype(s), both sides (default float32)")
     args = ap.parse_args()
-    quick = dict(new_tokens=32, forward_len=32, repeats=2, step_tokens=(8,), steps=2, trl_steps=1)
+    quick = dict(new_tokens=32, forward_len=32, repeats=2, step_tokens=(8,), steps=2, trl_steps=1,
+                 smollm2_flags=dict(max_new_tokens=8))
     cfg = BenchConfig(threads=args.threads, clock=args.clock, compile=not args.eager,
-                      **(quick if args.quick else {}))
+                      dtypes=tuple(args.dtype), **(quick if args.quick else {}))
     if args.step_tokens:
         cfg.step_tokens = tuple(args.step_tokens)
+    if args.smollm2 is not None:
+        cfg.smollm2 = str(find_smollm2(args.smollm2))
     main(cfg, args.json, args.load_rss, args.only)

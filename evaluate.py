@@ -1,18 +1,27 @@
 """
-evaluate.py: `python train_lm.py --model phi3 --eval`: the win rate of a trained policy against the
-base model.
+evaluate.py: how good a real run is, and how good its judge is.
 
-On the held-out prompts (every 10th; toy: the games), the trained policy's response and the base's
-(drawn with the same uniforms) are judged by the base in both orders (toy: by P). Prints the win
-rate with a 95% CI and writes AlpacaEval JSON ({instruction, output, generator}) to <run>/eval/.
+    python train_lm.py --model phi3 --eval            # the trained policy's win rate vs the base
+    python train_lm.py --model smollm2 --judge_check  # the judge on labelled pairs
+
+--eval: on the held-out prompts (every 10th; toy: the games), the trained policy's response and the
+base's (drawn with the same uniforms) are judged by the base in both orders (toy: by P). Prints the
+win rate with a 95% CI and writes AlpacaEval JSON ({instruction, output, generator}) to <run>/eval/.
+
+--judge_check: a self-judged run is only as good as its judge, and a small model may read the
+position and format of the responses rather than their content. So before compute is spent (and
+at the start of every real run) the base model judges labelled pairs (data/judge_pairs.jsonl: a
+question, a clearly right answer, a clearly wrong one), each in both orders, with the judge prompt
+of training (tasks.JUDGE).
 """
 import json
 import math
 
 import torch
 
+import nano_nash
 from runs import Run, UserError
-from tasks import setup
+from tasks import JUDGE, SelfJudge, setup
 from train_lm import ALGOS, sample
 from weights import CheckpointError, load_adapter
 
@@ -72,4 +81,63 @@ def evaluate(cfg, path):
                         "then run --eval again") from None
     print(f"{path.name}: win rate vs the base {m:.3f} (95% CI {m - half:.3f}..{m + half:.3f}, "
           f"n = {n}); AlpacaEval JSON in {out}")
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# the judge check
+
+def wilson(p, n, z=1.96):
+    """The 95% Wilson score interval of a proportion p out of n (good at small n and near 0, 1)."""
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return center - half, center + half
+
+
+@torch.no_grad()
+def judge_check(model, task, cfg):
+    """The base model as a judge (JUDGE, as in training) on the labelled pairs, each shown in both
+    orders. A pair is judged right when P(good ≻ bad), averaged over the orders, is above 1/2 (a
+    tie, 1/2 exactly, counts half). Prints and returns:
+      accuracy, ci95      the share judged right, with its 95% Wilson interval
+      position_bias       mean P(answer "1") − 1/2 (a judge that always says "1": 0.5)
+      orders_disagree     the share of pairs whose winner depends on the order
+    and warns when the interval includes 1/2: the judge is not shown to beat a coin."""
+    tok, pairs = task.tok, task.pairs
+    user = [tok.encode(p["prompt"])[:cfg.max_prompt_tokens] for p in pairs]
+    good = [tok.encode(p["good"]) for p in pairs]
+    bad = [tok.encode(p["bad"]) for p in pairs]
+    judge = SelfJudge(tok, user, JUDGE)
+    longest = max(len(judge.ids(k, good[k], bad[k])) for k in range(len(pairs)))
+    if longest > model.config.block_size:
+        raise UserError(f"a judge prompt of the labelled pairs takes {longest} tokens, more than "
+                        f"the model's context {model.config.block_size}; shorten the pairs")
+    shown, swapped = [], []                     # the logits of "1", "2": good first, bad first
+    for ks in torch.arange(len(pairs)).split(16):
+        g = [good[k] for k in ks]
+        b = [bad[k] for k in ks]
+        shown.append(judge.logits(model, ks, g, b, None).float().cpu())
+        swapped.append(judge.logits(model, ks, b, g, None).float().cpu())
+    shown, swapped = torch.cat(shown), torch.cat(swapped)
+    _, stats = nano_nash.judge_preference(shown, swapped)
+    # σ(a) + σ(b) > 1 exactly when a + b > 0: the mean over the orders is above 1/2 when the
+    # margins for "good" add up to more than 0 (so a tie is exact, with no rounding of σ)
+    margin = (shown[:, 0] - shown[:, 1]) + (swapped[:, 1] - swapped[:, 0])
+    right = (margin > 0).double() + 0.5 * (margin == 0).double()
+    n = len(pairs)
+    accuracy = right.mean().item()
+    lo, hi = wilson(accuracy, n)
+    result = dict(
+        accuracy=accuracy,
+        ci95=[lo, hi],
+        position_bias=stats["position_bias"].item(),
+        orders_disagree=stats["orders_disagree"].item(),
+        n=n,
+    )
+    print(f"judge check ({n} labelled pairs, both orders): accuracy "
+          f"{accuracy:.3f} (95% CI {lo:.3f}..{hi:.3f}), position bias "
+          f"{result['position_bias']:+.3f}, orders disagree {result['orders_disagree']:.3f}")
+    if lo <= 0.5 <= hi:
+        print("warning: the judge is not shown to beat a coin (its 95% interval includes 50%): "
+              "its preferences may follow position or format, not content")
     return result

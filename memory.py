@@ -1,6 +1,8 @@
 """
-memory.py: `python train_lm.py --model phi3 --dry_run`: the memory of one training step, from the
-config alone (config.json, or the phi3-mini preset: no weights are read).
+memory.py: `python train_lm.py --model phi3 --dry_run` (or smollm2): the memory of one training
+step, from the config alone: the config.json of the weights train_lm.py would load, or where
+there are none, Phi-3-mini's preset (model.PRESETS; SmolLM2 has none: its config.json is needed).
+No weights are read.
 
 memory() is the model of a step's bytes; bench_scale.py measures real steps against it (the CPU's
 peak RSS within ±15%, CUDA's max_memory_allocated). dry_run() prints it as set, with
@@ -9,6 +11,7 @@ peak RSS within ±15%, CUDA's max_memory_allocated). dry_run() prints it as set,
 from dataclasses import replace
 
 from model import GPTConfig
+from runs import UserError
 from tasks import find_weights
 from train_lm import ALGOS
 from weights import read_config
@@ -64,10 +67,13 @@ def dry_run(cfg):
     micro-batch."""
     if cfg.model == "tiny":
         c = GPTConfig.from_name("tiny")
-    elif cfg.weights:
-        c = read_config(find_weights(cfg) / "config.json")
     else:
-        c = GPTConfig.from_name("phi3-mini")
+        try:
+            c = read_config(find_weights(cfg) / "config.json")
+        except UserError:                   # none found: the error says how to get them
+            if cfg.model != "phi3":
+                raise
+            c = GPTConfig.from_name("phi3-mini")
     dtype_bytes = 4 if cfg.dtype == "float32" else 2
     M = cfg.batch_size * cfg.samples
     cols = {

@@ -35,8 +35,10 @@ CHECKS = [  # (flags, what must hold, what it must be): every number, before any
 
 def config(algo, model="tiny", **given):
     """One run's config: TrainConfig's defaults, the model's preset (train_lm.MODELS), the
-    algorithm's preset for that model (train_lm.ALGOS[algo].tiny or .phi3), then the flags given."""
-    preset = {**train_lm.MODELS[model], **getattr(train_lm.ALGOS[algo], model)}
+    algorithm's preset (train_lm.ALGOS[algo].tiny on the toy game, .real on a real model), then
+    the flags given."""
+    entry = train_lm.ALGOS[algo]
+    preset = {**train_lm.MODELS[model], **(entry.tiny if model == "tiny" else entry.real)}
     return train_lm.TrainConfig(**{**preset, **given, "algo": algo, "model": model})
 
 
@@ -54,17 +56,22 @@ def check(cfg, world=1):
     if toy and (cfg.temperature != 1 or cfg.max_new_tokens > 4):
         raise UserError("the toy game needs --temperature 1 (its exact gap assumes y ~ π) and "
                         "--max_new_tokens <= 4 (3^L responses are enumerated)")
+    real = " or ".join(m for m in train_lm.MODELS if m != "tiny")
     if toy and (cfg.prompts or cfg.weights):
-        raise UserError("--prompts and --weights apply to --model phi3; the toy game has its own")
+        raise UserError(f"--prompts and --weights apply to --model {real}; the toy game has its "
+                        "own")
+    if toy and (cfg.judge_check or cfg.judge_pairs):
+        raise UserError(f"--judge_check measures a model judging itself (--model {real}); the toy "
+                        "game's judge is its P, an oracle (selfjudge.py measures a taught one)")
     if not toy and cfg.label_noise:
         raise UserError("--label_noise is for the toy game (--model tiny), whose judge is an "
                         "oracle")
     if cfg.batch_size % world:
         raise UserError(f"--batch_size {cfg.batch_size} is the global batch and must be divisible "
                         f"by the number of processes ({world}), e.g. {world * cfg.batch_size}")
-    if (cfg.dry_run or cfg.eval) and world > 1:
-        raise UserError("--eval and --dry_run run in one process: start them with python, not "
-                        "torchrun")
+    if (cfg.dry_run or cfg.eval or cfg.judge_check) and world > 1:
+        raise UserError("--eval, --dry_run and --judge_check run in one process: start them with "
+                        "python, not torchrun")
     return cfg
 
 

@@ -10,8 +10,8 @@ read the same.
 ToyTask  (--model tiny): a tiny random Phi-3 answers 4 prompts with L tokens from {a, b, c}; each
          prompt is a game from games.py, whose P judges; the policy can be enumerated, so its
          duality gap is exact.
-ChatTask (--model phi3): real prompts; the LM reads a judge prompt and answers "1" or "2"
-         (SelfJudge).
+ChatTask (--model phi3 or smollm2, a real model): real prompts; the LM reads a judge prompt
+         and answers "1" or "2" (SelfJudge), from ids in its own chat format.
 """
 import json
 import os
@@ -187,10 +187,12 @@ class SelfJudge:
 
 
 class ChatTask:
-    """Real prompts (cut to max_prompt_tokens); the model judges itself with JUDGE (SelfJudge)."""
-    def __init__(self, tok, texts, max_prompt_tokens):
+    """Real prompts (cut to max_prompt_tokens); the model judges itself with JUDGE (SelfJudge).
+    pairs: labelled pairs (load_pairs) that check the judge (evaluate.judge_check)."""
+    def __init__(self, tok, texts, max_prompt_tokens, pairs=()):
         self.tok = tok
         self.texts = texts
+        self.pairs = pairs
         self.vocab = None
         self.stop_ids = tok.stop_ids
         user = [tok.encode(t) for t in texts]
@@ -246,13 +248,44 @@ def load_prompts(path):
     return kept
 
 
+FIELDS = ("prompt", "good", "bad")      # a labelled pair: a question, a right and a wrong answer
+
+
+def load_pairs(path):
+    """The judge's labelled pairs (--judge_check): JSON lines, one {"prompt", "good", "bad"}
+    object of strings a line."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(
+            f"cannot read judge pairs {path} ({e}); pass --judge_pairs FILE"
+        ) from None
+    pairs = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            pair = json.loads(line)
+            ok = all(isinstance(pair.get(key), str) for key in FIELDS)
+        except (ValueError, AttributeError):
+            ok = False
+        if not ok:
+            raise UserError(f"{path}: line {i} is not a JSON object with the strings "
+                            f"{', '.join(FIELDS)}")
+        pairs.append(pair)
+    if not pairs:
+        raise UserError(f"{path} holds no pairs; write one JSON object a line, with the strings "
+                        f"{', '.join(FIELDS)}")
+    return pairs
+
+
 # -------------------------------------------------------------------------------------------------
 # setup: the device, the frozen base model and the task
 
 def pick_device(cfg):
     mps = torch.backends.mps.is_available()
     gpu = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    auto = gpu if cfg.model == "phi3" else "cpu"        # phi3: the GPU; the toy game: the CPU
+    auto = "cpu" if cfg.model == "tiny" else gpu        # the toy game: the CPU; else the GPU
     try:
         d = torch.device(auto if cfg.device == "auto" else cfg.device)
     except RuntimeError:
@@ -270,18 +303,27 @@ def pick_device(cfg):
     return d
 
 
+# each real --model: its name in messages and its Hugging Face repository (the download, and the
+# cache's folder models--<org>--<name>)
+HUB = {
+    "phi3": dict(name="Phi-3", repo="microsoft/Phi-3-mini-4k-instruct"),
+    "smollm2": dict(name="SmolLM2", repo="HuggingFaceTB/SmolLM2-135M-Instruct"),
+}
+
+
 def find_weights(cfg):
-    """--weights, else $NANO_NASH_WEIGHTS, else the Hugging Face cache ($HF_HUB_CACHE or
-    $HF_HOME/hub)."""
+    """--weights, else $NANO_NASH_WEIGHTS, else the model's folder in the Hugging Face cache
+    ($HF_HUB_CACHE or $HF_HOME/hub)."""
     given = cfg.weights or os.environ.get("NANO_NASH_WEIGHTS")
     home = os.environ.get("HF_HOME", "~/.cache/huggingface")
     hub = os.environ.get("HF_HUB_CACHE") or Path(home) / "hub"
-    cached = Path(hub) / "models--microsoft--Phi-3-mini-4k-instruct"
+    repo = HUB[cfg.model]["repo"]
+    cached = Path(hub) / ("models--" + repo.replace("/", "--"))
     path = Path(given or cached).expanduser()
     if not given and not path.is_dir():
         raise UserError(
-            f"Phi-3 weights not found (no --weights, no $NANO_NASH_WEIGHTS, nothing at {path}); "
-            "get them with `huggingface-cli download microsoft/Phi-3-mini-4k-instruct "
+            f"{HUB[cfg.model]['name']} weights not found (no --weights, no $NANO_NASH_WEIGHTS, "
+            f"nothing at {path}); get them with `huggingface-cli download {repo} "
             "--local-dir DIR` and pass --weights DIR"
         )
     return find_checkpoint(path)
@@ -289,8 +331,8 @@ def find_weights(cfg):
 
 def setup(cfg, held_out=False):
     """(frozen base model, task, base model's name). The real run checks everything cheap first
-    (prompts, device, config.json, tokenizer, lengths) and loads the weights last. held_out: every
-    10th prompt."""
+    (prompts, judge pairs, device, config.json, tokenizer, lengths) and loads the weights last.
+    held_out: every 10th prompt."""
     device = pick_device(cfg)
     if cfg.model == "tiny":
         torch.set_num_threads(1)           # tiny matrices: more threads only add overhead
@@ -305,6 +347,7 @@ def setup(cfg, held_out=False):
         )
     texts = [t for i, t in enumerate(texts)
              if (i % 10 == 9) == held_out] or texts
+    pairs = load_pairs(cfg.judge_pairs or ROOT / "data" / "judge_pairs.jsonl")
     folder = find_weights(cfg)
     config = read_config(folder / "config.json")
     if not (folder / "tokenizer.json").is_file():
@@ -313,14 +356,14 @@ def setup(cfg, held_out=False):
         )
     try:
         tok = load_tokenizer(folder)
-    except (OSError, ValueError) as e:       # missing, not JSON, or not Phi-3's kind of BPE
+    except (OSError, ValueError) as e:       # missing, not JSON, or a kind of BPE not implemented
         raise UserError(str(e)) from None
     if tok.vocab_size > config.vocab_size:
         raise UserError(
             f"{folder}: the tokenizer has ids up to {tok.vocab_size - 1}, the model's vocabulary "
             f"only {config.vocab_size}; tokenizer.json and config.json are from different models"
         )
-    task = ChatTask(tok, texts, cfg.max_prompt_tokens)
+    task = ChatTask(tok, texts, cfg.max_prompt_tokens, pairs)
     longest = max(map(len, task.prompts)) + cfg.max_new_tokens
     judge = len(task.judge.ids(0, [], [])) + cfg.max_prompt_tokens + 2 * cfg.max_new_tokens
     if max(longest, judge) > config.block_size:

@@ -4,19 +4,22 @@ train_lm.py: train a language model toward the Nash equilibrium of a preference 
     python train_lm.py                    # the proof: a tiny Phi-3 plays known games; exact gaps
     python train_lm.py --algo inpo        # one algorithm of the toy game
     python train_lm.py --model phi3 [--weights DIR]   # Phi-3-mini, LoRA players, the model judges
+    python train_lm.py --model smollm2 --algo lana    # the same run in small: SmolLM2-135M, 2 CPUs
     python train_lm.py --model phi3 --eval       # win rate of the trained policy vs the base
     python train_lm.py --model phi3 --dry_run    # the memory of a step, from config.json alone
+    python train_lm.py --model smollm2 --judge_check   # is the judge better than a coin?
 
 Reading order, as in nanoGPT's train.py: the config and its presets; the pieces of a step (sample,
 score, duel); one step function per algorithm and the registry ALGOS (each algorithm's step,
 adapters, yardstick, memory rows and defaults); the training loop, in one function; main. The loop
 and the steps are the same for the toy game and the real run: both are a task (tasks.py).
 Elsewhere: the losses in nano_nash.py; a run's config from the presets (plan.config), the checks of
-the flags, the runs a command makes and the toy comparison's report in plan.py; --eval in
-evaluate.py; --dry_run in memory.py; checkpoints, resume and torchrun in runs.py.
+the flags, the runs a command makes and the toy comparison's report in plan.py; --eval and
+--judge_check (which a real run also prints at its start) in evaluate.py; --dry_run in memory.py;
+checkpoints, resume and torchrun in runs.py.
 Simplifications: one gradient step per batch; duel labels are sampled (y wins with probability
-P(y ≻ y'), INPO's λ_p); the real run samples at temperature 0.1 (LANA's setting), which the theory
-of INPO and Nash-MD-PG (y ~ π) does not cover.
+P(y ≻ y'), INPO's λ_p); Phi-3's run samples at temperature 0.1 (LANA's setting), which the theory
+of INPO and Nash-MD-PG (y ~ π) does not cover (SmolLM2's samples at 1).
 """
 import hashlib
 import json
@@ -41,14 +44,16 @@ from tasks import Rollout, setup
 
 @dataclass
 class TrainConfig:
-    model: str = "tiny"          # tiny: the toy game (exact gaps, CPU) | phi3: Phi-3-mini-4k
-    algo: str = ""               # a key of ALGOS, or all; "": tiny all (the comparison), phi3 lana
-    weights: str = ""            # phi3: a folder or HF cache; else $NANO_NASH_WEIGHTS, ~/.cache
-    prompts: str = ""            # phi3: .jsonl / .json / .txt; "" = data/prompts.jsonl
+    model: str = "tiny"          # a key of MODELS: tiny: the toy game (exact gaps, CPU) | phi3:
+                                 # Phi-3-mini-4k | smollm2: SmolLM2-135M-Instruct (2 CPU cores)
+    algo: str = ""               # a key of ALGOS, or all; "": tiny all (the comparison), else lana
+    weights: str = ""            # real models: a folder or HF cache; else $NANO_NASH_WEIGHTS, the
+                                 # HF cache (tasks.HUB)
+    prompts: str = ""            # real models: .jsonl / .json / .txt; "" = data/prompts.jsonl
     out_dir: str = "out/lm"      # run folders: out_dir/<algo>/ (runs.py)
     figure: str = "figures/lm_convergence.png"   # tiny --algo all: the gaps beside the closed forms
     batch_size: int = 4          # prompts per step (the global batch under torchrun)
-    # the toy game's defaults; MODELS and ALGOS (below) change these nine per model and algorithm
+    # the toy game's defaults; MODELS and ALGOS (below) change these per model and algorithm
     max_steps: int = 300
     samples: int = 32            # sampled slots per prompt per step
     lr: float = 3e-4
@@ -76,15 +81,41 @@ class TrainConfig:
     overwrite: bool = False      # replace the run in out_dir/<algo>/ (deletes only what it wrote)
     eval: bool = False           # evaluate the run's checkpoint instead of training (evaluate.py)
     dry_run: bool = False        # print the memory of a step and exit; no weights read (memory.py)
+    judge_check: bool = False    # real models: the judge's accuracy on labelled pairs (evaluate.py)
+    judge_pairs: str = ""        # its pairs: .jsonl of {prompt, good, bad}; "" = data/judge_pairs
     debug: bool = False          # show tracebacks for errors (else one line)
 
 
-# The defaults that depend on the model; each algorithm adds its own (ALGOS[algo].tiny or .phi3).
-# A run's config (plan.config): TrainConfig(**MODELS[model], **ALGOS[algo].<model>, **flags given).
-# phi3: LANA's paper (§6: lr 3e-4, batch 4, temperature 0.1, 128 new tokens).
+# The defaults that depend on the model; each algorithm adds its own (ALGOS[algo].tiny, or .real
+# on a real model). A run's config (plan.config): TrainConfig(**MODELS[model], **ALGOS[algo].tiny
+# or .real, **flags given).
+# phi3: LANA's paper (§6: lr 3e-4, batch 4, temperature 0.1, 128 new tokens); 3 iterations of
+# INPO and SPPO (their papers' count).
+# smollm2: the same run in small, for 2 CPU cores: a step in seconds (batch 2, 32 new tokens), 3
+# iterations of 10 steps; temperature 1, as the theory samples (y ~ π); the judge reads both
+# orders (SmolLM2 favours a position: --judge_check); float32, the CPU's (on a GPU too: it is
+# small, and --dry_run counts what runs).
 MODELS = {
     "tiny": {},                                  # TrainConfig's defaults
-    "phi3": dict(max_steps=750, samples=1, max_new_tokens=128, temperature=0.1),
+    "phi3": dict(
+        max_steps=750,
+        iter_steps=250,
+        samples=1,
+        max_new_tokens=128,
+        temperature=0.1,
+    ),
+    "smollm2": dict(
+        max_steps=30,
+        iter_steps=10,
+        batch_size=2,
+        samples=1,
+        max_new_tokens=32,
+        temperature=1.0,
+        judge_both_orders=True,
+        dtype="float32",
+        log_every=1,
+        save_every=10,
+    ),
 }
 
 MATH = ("model algo base prompts_sha batch_size samples lr adam_beta1 tau eta iter_steps "
@@ -241,7 +272,7 @@ class Algo(NamedTuple):
     gap: str              # its yardstick: "gap" = DualGap_τ (targets π*_τ), "gap0" = DualGap_0
     rows: tuple           # per slot: rows sampled, scored with a graph, scored without (memory.py)
     tiny: dict = {}       # its defaults on the toy game (over TrainConfig's)
-    phi3: dict = {}       # its defaults on Phi-3 (over MODELS["phi3"])
+    real: dict = {}       # its defaults on a real model (over MODELS[model])
     judges: dict = {"policy": None}   # the trained adapters, each with the adapter judging it
                                       # (None: the frozen base)
     iterates: bool = False    # a new iteration every iter_steps: π_t ("prev") <- π_θ ("policy")
@@ -251,8 +282,8 @@ class Algo(NamedTuple):
 
 # The registry: an algorithm is a step function and an entry here. tiny: tuned so that `python
 # train_lm.py` converges in minutes on 2 CPU cores (SPPO: INPO's optimizer, η and iter_steps).
-# phi3: INPO's paper for its τ and η (App. B: η_I = 0.005, so η = 200; τ = η_I/3, so ητ = 1/3);
-# NLHF's τ for Nash-MD-PG; SPPO's paper (β = 0.001, so η = 1000; 3 iterations).
+# real: INPO's paper for its τ and η (App. B: η_I = 0.005, so η = 200; τ = η_I/3, so ητ = 1/3);
+# NLHF's τ for Nash-MD-PG; SPPO's paper (β = 0.001, so η = 1000).
 ALGOS = {
     "inpo": Algo(
         label="INPO",
@@ -262,7 +293,7 @@ ALGOS = {
         rows=(2, 2, 4),
         iterates=True,
         tiny=dict(lr=1e-3, adam_beta1=0.9),
-        phi3=dict(tau=0.005 / 3, eta=200.0, iter_steps=250),
+        real=dict(tau=0.005 / 3, eta=200.0),
     ),
     "nash_md_pg": Algo(
         label="Nash-MD-PG",
@@ -271,7 +302,7 @@ ALGOS = {
         gap="gap",
         rows=(3, 1, 1),
         tiny=dict(lr=2e-4),
-        phi3=dict(tau=0.008),
+        real=dict(tau=0.008),
     ),
     "lana": Algo(
         label="LANA",
@@ -298,7 +329,7 @@ ALGOS = {
         rows=(1 + SPPO_K, 1, 1),
         iterates=True,
         tiny=dict(lr=1e-3, adam_beta1=0.9),
-        phi3=dict(eta=1000.0, iter_steps=250),
+        real=dict(eta=1000.0),
     ),
 }
 ALGOS["lana_printed"] = ALGOS["lana"]._replace(
@@ -332,6 +363,9 @@ def train(cfg, path, shard=Shard(), built=None):
     with Run(path, asdict(cfg), MATH, resume=cfg.resume, overwrite=cfg.overwrite,
              replaceable=cfg.model == "tiny", writer=shard.rank == 0) as run:   # refuse, then load
         model, task, base = built or setup(cfg)
+        if cfg.model != "tiny" and shard.rank == 0:   # the model judges itself: can it?
+            import evaluate                             # (it reads this file's registry)
+            evaluate.judge_check(model, task, cfg)
         device = model.lm_head.weight.device
         sha = hashlib.sha256(json.dumps(task.texts).encode()).hexdigest()
         run.config.update(base=base, prompts_sha=sha)
@@ -442,12 +476,16 @@ def draw(runs, path, closed=None):
 
 def main(given, shard=Shard()):
     """What the flags `given` ({name: value}) ask for: the runs of plan.configs (one algorithm, or
-    each of the toy comparison), trained, evaluated (--eval) or budgeted (--dry_run)."""
+    each of the toy comparison), trained, evaluated (--eval) or budgeted (--dry_run); or the
+    judge's check (--judge_check)."""
     import evaluate, memory, plan    # they read this file's registry: imported here, not above
     cfgs = plan.configs(given, shard.world)
     cfg = next(iter(cfgs.values()))
     if cfg.dry_run:
         return {name: memory.dry_run(c) for name, c in cfgs.items()}
+    if cfg.judge_check:
+        model, task, _ = setup(cfg)
+        return evaluate.judge_check(model, task, cfg)
     if cfg.eval:
         return {name: evaluate.evaluate(c, Path(c.out_dir) / name) for name, c in cfgs.items()}
     logs = {name: train(c, Path(c.out_dir) / name, shard) for name, c in cfgs.items()}

@@ -175,6 +175,14 @@ def prompts(c, data, name="p.jsonl", *extra):
     return phi3(c, "--prompts", p, *extra)
 
 
+def pairs(c, text, *extra):
+    """A judge pairs file holding `text`, for a training run (the check it starts with), or with
+    extra flags."""
+    p = c.tmp / "pairs.jsonl"
+    p.write_text(text)
+    return phi3(c, "--judge_pairs", p, *extra)
+
+
 # --- checkpoints: a copy of a finished 2-step toy run (inpo, a checkpoint per step) ---------------
 
 def ckpt(c, damage=None, *extra):
@@ -529,6 +537,33 @@ CASES = [
         "prompts-a-directory",
         lambda c: (c.tmp / "d").mkdir() or phi3(c, "--prompts", c.tmp / "d"),
         r"cannot read prompts file .*d \(Is a directory\); pass --prompts FILE",
+    ),
+    # the judge check's labelled pairs (read with the prompts, before the weights)
+    Case(
+        "judge-pairs-missing",
+        lambda c: phi3(c, "--judge_check", "--judge_pairs", c.tmp / "nowhere.jsonl"),
+        r"cannot read judge pairs .*nowhere\.jsonl .*; pass --judge_pairs FILE",
+    ),
+    Case(
+        "judge-pairs-not-objects",
+        lambda c: pairs(c, '{"prompt": "q", "good": "a", "bad": "b"}\n["q", "a", "b"]\n'),
+        r"pairs\.jsonl: line 2 is not a JSON object with the strings prompt, good, bad",
+    ),
+    Case(
+        "judge-pairs-without-bad",
+        lambda c: pairs(c, '{"prompt": "q", "good": "a"}\n', "--judge_check"),
+        r"pairs\.jsonl: line 1 is not a JSON object with the strings prompt, good, bad",
+    ),
+    Case(
+        "judge-pairs-empty",
+        lambda c: pairs(c, "\n\n"),
+        r"pairs\.jsonl holds no pairs; write one JSON object a line",
+        "cli",
+    ),
+    Case(
+        "judge-check-with-tiny",
+        lambda c: toy(c, "--judge_check"),
+        r"--judge_check measures a model judging itself \(--model phi3 or smollm2\); the toy",
     ),
     # flags: every number finite and in range, every name known, before anything is loaded
     Case(

@@ -287,7 +287,8 @@ def test_constant_step_nash_md_is_biased_but_inpo_is_not():
     assert (md - star).abs().max() > 1e-4                   # converged, but to the wrong point
     assert (inpo - star).abs().max() < 1e-12
     mix = geometric_mixture(md.log(), lm, eta * tau).exp()  # its mixture is the NE at τ/(1 − ητ)
-    assert (mix - solvers.regularized_nash(game.P, game.mu, tau / (1 - eta * tau))).abs().max() < 1e-9
+    hotter = solvers.regularized_nash(game.P, game.mu, tau / (1 - eta * tau))
+    assert (mix - hotter).abs().max() < 1e-9
 
 
 def test_inpo_is_mmd_and_a_geometric_step_to_the_best_response():
@@ -325,7 +326,8 @@ def test_fixed_beta_nash_md_pg_lands_on_ne_at_tau_over_1_minus_beta():
         lm = game.mu.log()
         pi = steps(lambda z, t: G.nash_md_pg(game.P, lm, z, 3.0, tau, beta), lm, 4000)[-1]
         mix = geometric_mixture(pi.log(), lm, beta).exp()
-        assert (mix - solvers.regularized_nash(game.P, game.mu, tau / (1 - beta))).abs().max() < 1e-7
+        hotter = solvers.regularized_nash(game.P, game.mu, tau / (1 - beta))
+        assert (mix - hotter).abs().max() < 1e-7
         assert (pi - best_response(game.P, mix, game.mu, tau)).abs().max() < 1e-7
         star = solvers.regularized_nash(game.P, game.mu, tau)
         assert (pi - star).abs().max() > 5e-3                            # π itself is biased
@@ -366,7 +368,8 @@ def test_run_logs_the_running_average_of_the_policies():
 
 def test_mwu_cycles_but_its_average_approaches_the_ne_on_rps():
     P, mu = G.rps().P, MU_S
-    its, pi, avg = solvers.run(lambda z, t: G.maio(P, z, 0.1, z.exp()), mu.log(), 10_000, dense=5000)
+    mwu = lambda z, t: G.maio(P, z, 0.1, z.exp())                      # noqa: E731
+    its, pi, avg = solvers.run(mwu, mu.log(), 10_000, dense=5000)
     kls = kl(MU_U, pi[:5001:500])                                  # iterations 0, 500, …, 5000
     assert (kls[1:] > kls[:-1]).all() and abs(kls[-1] - 1.12) < 0.005     # spirals out (§8 G3)
     assert duality_gap(P, pi[-1]) > 0.5 and duality_gap(P, avg[-1]) < 1e-2

@@ -85,8 +85,8 @@ def test_logits_match_transformers(pair):
     ref = hf(toks, attention_mask=mask).logits
     torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=0)
     last = ours(toks, mask=mask, last_only=True)
-    # the same math on fewer rows: MKL may block a 3-row matmul differently from an 18-row one (measured:
-    # up to 6e-7 apart on this CPU), so equal to float32 round-off, not bit for bit
+    # the same math on fewer rows: MKL may block a 3-row matmul differently from an 18-row one
+    # (measured: up to 6e-7 apart on this CPU), so equal to float32 round-off, not bit for bit
     torch.testing.assert_close(last, got[:, -1:], atol=2e-6, rtol=0)
 
 
