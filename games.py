@@ -71,7 +71,8 @@ class Game:
             raise ValueError(f"P + P.T must equal 1 (P[i,j] = P(y_i > y_j), P[j,i] = 1 - P[i,j]); "
                              f"got max |P + P.T - 1| = {err:.3g}. Symmetrise a learned P with "
                              "(P + 1 - P.T) / 2.")
-        if mu.shape != (len(P),) or mu.min() <= 0 or abs(mu.sum().item() - 1) > 1e-12:
+        total = mu.sum().item()
+        if mu.shape != (len(P),) or mu.min() <= 0 or abs(total - 1) > 1e-12:
             raise ValueError(f"mu must be a full-support distribution on the {len(P)} actions: "
                              f"{mu.tolist()}")
 
@@ -555,7 +556,14 @@ def main(cfg):
     if cfg.smoke:
         cfg = dataclasses.replace(cfg, iters=64, horizon=640, sgd_steps=64)
     print(f"config: {dataclasses.asdict(cfg)}")
-    games = [bt3(), dice(), rps(), weighted_cycle(), nlhf3(), random_game(6, cfg.seed)]
+    games = [
+        bt3(),
+        dice(),
+        rps(),
+        weighted_cycle(),
+        nlhf3(),
+        random_game(6, cfg.seed),
+    ]
     games = [g for g in games if cfg.game in ("all", g.name)]
     if not games:
         raise ValueError(f"unknown --game {cfg.game!r}; choose all, bt3, dice, rps, cycle, nlhf3 "
