@@ -19,8 +19,10 @@ import math
 
 import torch
 
+import identity
 import nano_nash
-from runs import Run, UserError
+from cli import UserError
+from runs import Run
 from tasks import JUDGE, SelfJudge, setup
 from train_lm import ALGOS, sample
 from weights import CheckpointError, load_adapter
@@ -28,13 +30,19 @@ from weights import CheckpointError, load_adapter
 
 @torch.no_grad()
 def evaluate(cfg, path):
-    """The win rate of the run in `path` (its first adapter) against the base: the results."""
-    run = Run(path, {}, [], resume=True, writer=False)
+    """The win rate of the run in `path` (its first adapter) against the base: the results.
+    The run's folder is locked (shared) meanwhile: no run writes it."""
+    with Run(path, {}, [], resume=True, writer=False, reader=True) as run:
+        return win_rate(cfg, path, run)
+
+
+def win_rate(cfg, path, run):
     player = ALGOS[cfg.algo].adapters[0]
     if run.latest() is None:
         raise UserError(f"--eval: no checkpoint in {path}; train first with the same --out_dir "
                         "and --algo")
     model, task, _ = setup(cfg, held_out=True)
+    identity.check(run.manifest.get("config", {}), identity.of(model, task.tok), "--eval")
     try:
         load_adapter(model, player, run.latest() / player)
     except CheckpointError as e:
@@ -52,7 +60,7 @@ def evaluate(cfg, path):
         prefs.append(pref.cpu())
         for b, i in enumerate(k.tolist()):
             ids = [r.tokens[b][r.resp[b].bool()] for r in (ours, base)]
-            texts = [task.tok.decode(x.tolist(), skip_special=True) for x in ids]
+            texts = [plain(task.tok, x.tolist()) for x in ids]
             rows.append((task.texts[i], *(t.strip() for t in texts)))
     pref = torch.cat(prefs).double()
     n = len(pref)
@@ -82,6 +90,12 @@ def evaluate(cfg, path):
     print(f"{path.name}: win rate vs the base {m:.3f} (95% CI {m - half:.3f}..{m + half:.3f}, "
           f"n = {n}); AlpacaEval JSON in {out}")
     return result
+
+
+def plain(tok, ids):
+    """A response as text: without any control id, flagged special or not (Phi-3's </s> is not;
+    decode(skip_special=True) would keep it as the text "</s>")."""
+    return tok.decode([i for i in ids if i not in tok.special_ids])
 
 
 # --------------------------------------------------------------------------------------------------

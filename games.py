@@ -15,8 +15,13 @@ report.py (plots.py draws). P, BR_τ, DualGap_τ and the losses are in nano_nash
 to ALGORITHMS.md. π_t is the previous iterate: the policy a step starts from (INPO's and SPPO's
 frozen policy). Left out: contexts (a prompt is a game), extensive-form games, Nash-EMA.
 """
+import cli
+
+if __name__ == "__main__":
+    cli.catch_signals()         # first: Ctrl-C during the imports below is one line too
 import dataclasses
 import math
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -27,7 +32,6 @@ import torch
 import report
 from nano_nash import (best_response, duality_gap, duel_winner, geometric_mixture, inpo_loss,
                        lana_loss, pg_loss, sppo_loss, win_rates)
-from runs import flags
 from solvers import F64, Curve, bt_reward, run
 
 
@@ -44,6 +48,16 @@ class GameConfig:
     seed: int = 0            # the random game and the sampled runs
     out: str = ""            # where the PNGs and the CSV go; "": figures, with --smoke out/smoke
     smoke: bool = False      # a few seconds: the CSV and games_main.png only (--no-smoke: off)
+
+
+CHECKS = [  # (flags, what must hold, what it must be): checked before any work (cli.check)
+    ("game", lambda v: v in "all bt3 dice rps cycle nlhf3 random".split(),
+     "all, bt3, dice, rps, cycle, nlhf3 or random"),
+    ("tau", lambda v: 0 < v < math.inf, "a finite number > 0"),
+    ("iters sgd_steps", lambda v: v >= 1, "a positive integer"),
+    ("horizon", lambda v: v >= 10, "an integer >= 10 (MWU, SPPO and MAIO run a tenth)"),
+    ("seed", lambda v: 0 <= v < 2**63, "an integer in [0, 2^63)"),
+]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -113,6 +127,16 @@ def weighted_cycle(a=0.1, b=0.2, c=0.3, mu=MU_S):
          [.5 - a, .5, .5 + b],
          [.5 + c, .5 - b, .5]]
     return Game("cycle", P, mu, ("1", "2", "3"))
+
+
+def rpsls():
+    """Rock, paper, scissors, lizard, Spock (R, P, S, L, Sp): each move beats two and loses to two
+    (rock crushes scissors and lizard, paper covers rock and disproves Spock, scissors cut paper
+    and decapitate lizard, lizard eats paper and poisons Spock, Spock smashes scissors and
+    vaporises rock); NE uniform."""
+    beats = {(0, 2), (0, 3), (1, 0), (1, 4), (2, 1), (2, 3), (3, 1), (3, 4), (4, 0), (4, 2)}
+    P = [[.5 if i == j else float((i, j) in beats) for j in range(5)] for i in range(5)]
+    return Game("rpsls", P, torch.full((5,), 0.2, dtype=F64), ("R", "P", "S", "L", "Sp"))
 
 
 def nlhf3(eps=0.1, mu=MU_S):
@@ -552,6 +576,7 @@ def sppo_vs_mwu(games, T, etas=(0.1, 1.0, 10.0)):
 
 def main(cfg):
     t0 = time.time()
+    cli.check(cfg, CHECKS)
     torch.set_num_threads(1)                        # tiny tensors: threads only add overhead
     if cfg.smoke:
         cfg = dataclasses.replace(cfg, iters=64, horizon=640, sgd_steps=64)
@@ -565,11 +590,9 @@ def main(cfg):
         random_game(6, cfg.seed),
     ]
     games = [g for g in games if cfg.game in ("all", g.name)]
-    if not games:
-        raise ValueError(f"unknown --game {cfg.game!r}; choose all, bt3, dice, rps, cycle, nlhf3 "
-                         "or random")
     out = Path(cfg.out or ("out/smoke" if cfg.smoke else "figures"))
     out.mkdir(parents=True, exist_ok=True)
+    tempfile.TemporaryFile(dir=out).close()         # writable? now, not after minutes of work
     results = experiments(cfg, games)
     report.write_csv(results, out / "games_curves.csv")
     written = report.figures(cfg, games, results, out)
@@ -583,4 +606,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main(GameConfig(**flags(GameConfig, __doc__)))
+    cli.run(lambda given: main(GameConfig(**given)), cli.flags(GameConfig, __doc__))

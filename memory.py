@@ -11,7 +11,7 @@ peak RSS within ±15%, CUDA's max_memory_allocated). dry_run() prints it as set,
 from dataclasses import replace
 
 from model import GPTConfig
-from runs import UserError
+from cli import UserError
 from tasks import find_weights
 from train_lm import ALGOS
 from weights import read_config

@@ -589,16 +589,35 @@ def generate(model, prompts, max_new_tokens, *, adapters=None, mix_beta=0.0, mix
 # -------------------------------------------------------------------------------------------------
 # log-probabilities: what every loss consumes
 
-def sequence_logprobs(model, tokens, mask, resp, adapters=None, vocab=None):
+def prompt_once(model, tokens, mask, first, adapters):
+    """model.trunk(tokens, adapters, mask)[:, first:], with each distinct (prompt, adapter) run
+    once (prefill) and its keys and values shared by its rows, gradients included: many answers
+    to one long prompt cost one prompt. tokens[:, :first] holds the prompts minus their last
+    token (generate's layout: left-padded prompts, then the responses)."""
+    B = tokens.size(0)
+    names = per_row(adapters, B)
+    prompts = [t[m.bool()].tolist() for t, m in zip(tokens[:, :first], mask[:, :first])]
+    _, cache = prefill(model, prompts, names, tokens.size(1), pad_id=0)
+    return model.trunk(tokens[:, first:], names, cache, mask[:, first:])
+
+
+def sequence_logprobs(model, tokens, mask, resp, adapters=None, vocab=None, shared=False):
     """log π(y|x) = Σ_t resp[t] · log π(tokens[t] | tokens[<t]) per row: (B,), differentiable.
     vocab: allowed ids; the next-token law is then renormalised over them (the law of constrained
-    decoding). Only response positions go through lm_head (the (B, T, V) logits are never
-    materialised), and log π = logit[y] − logsumexp(logits) = −cross_entropy (fused: faster, one
-    buffer fewer in backward)."""
-    h = model.trunk(tokens, adapters, mask=mask)                        # (B, T, C)
-    sel = resp[:, 1:].bool()                                            # t is predicted at t − 1
+    decoding). shared: the rows' prompts end together before the responses (generate's layout),
+    and each distinct one runs once (prompt_once). Only response positions go through lm_head
+    (the (B, T, V) logits are never materialised), and log π = logit[y] − logsumexp(logits) =
+    −cross_entropy (fused: faster, one buffer fewer in backward)."""
+    first = 0
+    if shared and not model.checkpointing:              # (a recomputed block would write twice)
+        first = int(resp.any(0).int().argmax()) - 1     # the prompts' last column
+    if first > 0 and mask[:, first - 1].all():          # every prompt: 2 tokens or more
+        h = prompt_once(model, tokens, mask, first, adapters)           # (B, T − first, C)
+    else:
+        h = model.trunk(tokens, adapters, mask=mask)                    # (B, T, C)
+    sel = resp[:, first + 1:].bool()                                    # t is predicted at t − 1
     rows = sel.nonzero()[:, 0]                                          # (N,)
-    target = tokens[:, 1:][sel]                                         # (N,)
+    target = tokens[:, first + 1:][sel]                                 # (N,)
     W = model.lm_head.weight
     if vocab is not None:
         vocab = torch.as_tensor(vocab, device=W.device).unique()

@@ -10,16 +10,14 @@ defaults (config); then a table of their exact gaps (each by its yardstick) and
 figures/lm_convergence.png: their curves beside games.py's closed forms on the same games.
 """
 import math
-import sys
 from pathlib import Path
 
-import torch
-
+import cli
 import games
 import train_lm
-from runs import UserError, distributed
+from cli import UserError
+from parallel import distributed
 from tasks import setup
-from weights import CheckpointError
 
 CHECKS = [  # (flags, what must hold, what it must be): every number, before anything is loaded
     ("batch_size samples max_new_tokens lora_rank save_every log_every max_prompt_tokens "
@@ -33,13 +31,20 @@ CHECKS = [  # (flags, what must hold, what it must be): every number, before any
 ]
 
 
+def task_of(model, given):
+    """The task a run's flags ask for: --task, else chat with --prompts, else the model's."""
+    return given.get("task") or ("chat" if given.get("prompts") else train_lm.MODELS[model]["task"])
+
+
 def config(algo, model="tiny", **given):
-    """One run's config: TrainConfig's defaults, the model's preset (train_lm.MODELS), the
-    algorithm's preset (train_lm.ALGOS[algo].tiny on the toy game, .real on a real model), then
-    the flags given."""
+    """One run's config: TrainConfig's defaults, the model's preset (train_lm.MODELS), its task's
+    (train_lm.TASKS), the algorithm's for that task (train_lm.ALGOS[algo].tiny on the toy game,
+    .real on real prompts, .words on the words game), then the flags given."""
     entry = train_lm.ALGOS[algo]
-    preset = {**train_lm.MODELS[model], **(entry.tiny if model == "tiny" else entry.real)}
-    return train_lm.TrainConfig(**{**preset, **given, "algo": algo, "model": model})
+    task = task_of(model, given)
+    mine = {"toy": entry.tiny, "chat": entry.real, "words": entry.words}[task]
+    preset = {**train_lm.MODELS[model], **train_lm.TASKS[task], **mine}
+    return train_lm.TrainConfig(**{**preset, **given, "algo": algo, "model": model, "task": task})
 
 
 def check(cfg, world=1):
@@ -50,6 +55,12 @@ def check(cfg, world=1):
             if not ok(v):                             # nan fails every comparison: it lands here
                 raise UserError(f"--{name} must be {what}, got {v}")
     toy = cfg.model == "tiny"
+    if (cfg.task == "toy") != toy:
+        raise UserError(f"--task {cfg.task} is not one for --model {cfg.model}; the toy game is "
+                        "--model tiny's, words and chat a real model's")
+    if cfg.task == "words" and (cfg.eval or cfg.judge_check):
+        raise UserError("the words game's judge is its rule, and its yardstick is in its log: "
+                        "--eval and --judge_check are for real prompts (--prompts FILE)")
     if cfg.algo == "inpo" and cfg.eta * cfg.tau > 1:
         raise UserError(f"INPO needs --eta x --tau <= 1 (got {cfg.eta * cfg.tau:g}); "
                         "the paper uses 1/3")
@@ -66,6 +77,10 @@ def check(cfg, world=1):
     if not toy and cfg.label_noise:
         raise UserError("--label_noise is for the toy game (--model tiny), whose judge is an "
                         "oracle")
+    slots = cfg.batch_size * cfg.samples // world
+    if cfg.micro_batches > slots:
+        raise UserError(f"--micro_batches {cfg.micro_batches} is more than this process's "
+                        f"{slots} slots (--batch_size x --samples); use at most {slots}")
     if cfg.batch_size % world:
         raise UserError(f"--batch_size {cfg.batch_size} is the global batch and must be divisible "
                         f"by the number of processes ({world}), e.g. {world * cfg.batch_size}")
@@ -77,15 +92,18 @@ def check(cfg, world=1):
 
 def configs(given, world=1):
     """{run name: its config, checked} for the flags `given` ({name: value}): one algorithm, or
-    (tiny, --algo all, the default) every algorithm of the toy comparison."""
+    (--algo all; the toy game's default) every algorithm of the toy or the words game."""
     models, algos = train_lm.MODELS, train_lm.ALGOS
     model = given.get("model", "tiny")
     if model not in models:
         raise UserError(f"unknown --model {model!r}; choose {' or '.join(models)}")
-    toy = model == "tiny"
-    algo = given.get("algo") or ("all" if toy else "lana")
-    if algo not in algos and not (algo == "all" and toy):
-        also = " or all" if toy else " (all is the toy game's comparison)"
+    task = task_of(model, given)
+    if task not in train_lm.TASKS:
+        raise UserError(f"unknown --task {task!r}; choose {' or '.join(train_lm.TASKS)}")
+    algo = given.get("algo") or train_lm.TASKS[task]["algo"]
+    comparison = task != "chat"         # --algo all: the toy game's or the words game's
+    if algo not in algos and not (algo == "all" and comparison):
+        also = " or all" if comparison else " (all is for the toy and the words games)"
         raise UserError(f"unknown --algo {algo!r}; choose one of {', '.join(algos)}{also}")
     names = [a for a in algos if algos[a].in_all] if algo == "all" else [algo]
     return {a: check(config(**{**given, "algo": a}), world) for a in names}
@@ -94,6 +112,8 @@ def configs(given, world=1):
 def report(cfgs, logs):
     """The toy runs' exact gaps (start, final, average iterate); with --algo all, the figure."""
     cfg = next(iter(cfgs.values()))
+    if cfg.task == "words":
+        return words_report(cfgs, logs)
     if cfg.model != "tiny":
         return
     print("\nexact gap of the LM policy, mean over prompts (DualGap_τ with τ = 0.1, or DualGap_0):")
@@ -122,23 +142,35 @@ def report(cfgs, logs):
         steps=cfg.max_steps,
     )
     runs = {name: (train_lm.ALGOS[name].gap, recs) for name, recs in logs.items()}
-    train_lm.draw(runs, Path(cfg.figure), closed)
+    train_lm.draw(runs, Path(cfg.figure), cfg.task, closed)
     print(f"wrote {cfg.figure}")
 
 
 def command_line(main, given):
-    """main(given, shard) under torchrun or not; an error the user can fix ends the process with one
-    line "error: ..." and exit code 1 (with --debug: the traceback)."""
-    try:
+    """main(given, shard) under torchrun or not, inside the error boundary (cli.run): an error the
+    user can fix ends the process with one line "error: ..." and exit code 1 (with --debug: the
+    traceback)."""
+    def under_torchrun(given):
         with distributed() as shard:
-            main(given, shard)
-    except (UserError, CheckpointError, OSError, torch.OutOfMemoryError, KeyboardInterrupt) as e:
-        if given.get("debug"):
-            raise
-        what = {
-            torch.OutOfMemoryError: "out of memory: lower --batch_size or --max_new_tokens, or use "
-                                    "a bigger device",
-            KeyboardInterrupt: "interrupted; --resume goes on from the last checkpoint",
-        }.get(type(e), str(e))
-        print(f"error: {what.splitlines()[0] if what else type(e).__name__}", file=sys.stderr)
-        sys.exit(1)
+            return main(given, shard)
+    cli.run(under_torchrun, given, "--resume goes on from the last checkpoint")
+
+
+def words_report(cfgs, logs):
+    """The words game's runs: each one's sampled gap by its yardstick (start, final with its 95%
+    interval, the floor), its DualGap_0, no move and KL; with --algo all, the figure."""
+    print("\nsampled gap of the policy, mean over the 3 games (N answers per game, T = 1):")
+    for name, recs in logs.items():
+        key = train_lm.ALGOS[name].gap
+        first, last = recs[0], recs[-1]
+        kind = "DualGap_0" if key == "gap0" else "DualGap_τ"
+        print(f"  {name:13s} {kind} start {first[key]:.3f} final {last[key]:.3f} "
+              f"[{last[key + '_lo']:.3f}, {last[key + '_hi']:.3f}] "
+              f"({first[key] / last[key]:.1f}x lower; floor {last[key.replace('gap', 'floor')]:.3f})"
+              f" | DualGap_0 {first['gap0']:.3f} -> {last['gap0']:.3f} | no move "
+              f"{first['no_move']:.3f} -> {last['no_move']:.3f} | KL per token {last['kl_token']:.3f}")
+    cfg = next(iter(cfgs.values()))
+    if len(cfgs) > 1 and cfg.figure:
+        runs = {name: (train_lm.ALGOS[name].gap, recs) for name, recs in logs.items()}
+        train_lm.draw(runs, Path(cfg.figure), cfg.task)
+        print(f"wrote {cfg.figure}")

@@ -194,6 +194,59 @@ def self_judge(runs, path):
     plt.close(fig)
 
 
+def words(runs, path, shown, games, targets):
+    """The words game's figure (words.py). runs: algorithm -> (yardstick key, log records); shown:
+    the algorithm whose move frequencies are drawn; games: game name -> its moves; targets: game
+    name -> its NE (dotted, in its move's colour). Top row, per game: shown's frequency of each
+    move and of no move over the steps. Bottom row, per game: every algorithm's sampled DualGap_0
+    with its 95% interval, and the floor (the exact NE sampled as often). Last column: the
+    frequency of no move, and the mean over the games of each run's own yardstick (DualGap_τ or
+    DualGap_0) with its interval and floor."""
+    plt = pyplot()
+    K = len(games)
+    fig, axes = plt.subplots(2, K + 1, figsize=(4.6 * (K + 1), 8.4), layout="constrained")
+    colours = plt.get_cmap("tab10").colors
+    for k, (game, moves) in enumerate(games.items()):
+        recs = [r for r in runs[shown][1] if "counts" in r]
+        steps = [r["step"] for r in recs]
+        for i, name in enumerate([*moves, "no move"]):
+            freq = [r["counts"][k][i] / sum(r["counts"][k]) for r in recs]
+            colour = colours[i] if i < len(moves) else "0.5"
+            axes[0, k].plot(steps, freq, color=colour, marker=".", label=name)
+            if i < len(moves):
+                axes[0, k].axhline(targets[game][i], color=colour, ls=":", lw=1.5)
+        axes[0, k].set(title=f"{game}: {shown}'s moves (NE dotted)", ylim=(0, 1),
+                       ylabel="frequency (N answers, T = 1)")
+        axes[0, k].legend(loc="upper right", fontsize=8)
+        for algo, (_, recs) in runs.items():
+            x, rows = curve(recs, "gap0_games")
+            gap, lo, hi = np.array([row[k] for row in rows]).T
+            axes[1, k].plot(x, gap, label=algo, **style(algo))
+            axes[1, k].fill_between(x, lo, hi, color=STYLE[algo][0], alpha=0.15)
+        floor = next(r["floor0_games"][k] for r in runs[shown][1] if "floor0_games" in r)
+        axes[1, k].axhline(floor, color="k", ls=":", lw=1, label="floor (NE sampled)")
+        axes[1, k].set(title=f"{game}: sampled DualGap_0", ylabel="DualGap_0", yscale="log")
+    for algo, (key, recs) in runs.items():
+        axes[0, K].plot(*curve(recs, "no_move"), label=algo, **style(algo))
+        x, gap = curve(recs, key)
+        axes[1, K].plot(x, gap, label=f"{algo} ({'DualGap_0' if key == 'gap0' else 'DualGap_τ'})",
+                        **style(algo))
+        axes[1, K].fill_between(x, curve(recs, f"{key}_lo")[1], curve(recs, f"{key}_hi")[1],
+                                color=STYLE[algo][0], alpha=0.15)
+    for key, ls in (("floor0", ":"), ("floor", "--")):
+        level = next(r[key] for r in runs[shown][1] if key in r)
+        axes[1, K].axhline(level, color="k", ls=ls, lw=1, label=f"{key} (target sampled)")
+    axes[0, K].set(title="no move: mean over the games", ylabel="frequency")
+    axes[1, K].set(title="own yardstick: mean over the games", yscale="log")
+    axes[1, K].legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=8)
+    axes[1, 0].legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=8, ncols=2)
+    for ax in axes[1]:
+        ax.set_xlabel("SGD step")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def pyplot():
     """matplotlib without a display, imported only when a figure is drawn."""
     import matplotlib

@@ -9,56 +9,33 @@ lost:
                     plot.png      drawn from the whole log.jsonl
                     ckpt_000300/  <adapter>/ (PEFT format), state.pt (optimizer, RNG, step),
                                   config.json
-                    .lock         held while the run lives (fcntl: the OS releases it when the
-                                  process dies)
 
-Checkpoints are fsynced, then renamed into place; --resume checks every file and refuses flags
-that change the math; SIGINT and SIGTERM finish the step, save and exit. A full or read-only disk
-is one line too.
+A run deletes or replaces only what its run.json names (log.jsonl and plot.png with it); without
+one they are the user's. Temporaries are made exclusively (new, unpredictable names: nothing
+planted is followed), fsynced, then renamed into place. The folder itself is locked while the run
+lives (fcntl: the OS releases it when the process dies; a lock file could be deleted). --resume
+checks every file, refuses other weights or tokenizer and flags that change the math, and cuts the
+log only once the checkpoint has loaded; SIGINT and SIGTERM finish the step, save and exit. A full
+or read-only disk is one line too.
 """
-import argparse
-import dataclasses
 import fcntl
 import json
 import os
 import re
 import shutil
-import signal
-import sys
-import typing
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+from safetensors import SafetensorError
 
+import identity
+from cli import UserError
 from weights import CheckpointError, load_adapter, save_adapter
 
-FORMAT = 1                          # bump when state.pt changes: older checkpoints are refused
+FORMAT = 2                          # bump when state.pt changes: older checkpoints are refused
 CKPT = re.compile(r"ckpt_\d{6}")
-
-
-class UserError(Exception):
-    """Something the user can fix: printed as one line (`error: ...`), exit code 1, no
-    traceback."""
-
-
-def flags(config, doc, argv=None):
-    """The command line of every script, from its config dataclass: one --name per field, typed by
-    the field's annotation (booleans: --name / --no-name), help: the docstring's first paragraph.
-    Returns only the flags the user gave, {name: value}: the script layers them over its defaults
-    (and train_lm.py over its presets). A bad flag is one line and exit code 1, like every user
-    error here."""
-    about = (doc or "").strip().split("\n\n")[0]       # python -OO strips docstrings: doc is None
-    p = argparse.ArgumentParser(description=about, argument_default=argparse.SUPPRESS)
-    p.error = lambda msg: p.exit(1, f"error: {msg} (see --help)\n")
-    # typed by the annotation, not the default: `lr: float = 1` takes 3e-4, `steps: int = None`
-    # takes 10; get_type_hints also reads annotations written as strings
-    for f in dataclasses.fields(config):
-        kind = typing.get_type_hints(config)[f.name]
-        how = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
-        p.add_argument(f"--{f.name}", help=f"default: {f.default!r}", **how)
-    return vars(p.parse_args(argv))
 
 
 def fsync(path):
@@ -70,83 +47,118 @@ def fsync(path):
 class Run:
     """One run folder. config: the run's flags (a dict); math: the keys --resume must not change;
     replaceable: a fresh run may replace a finished run of its model (the toy run); writer: False
-    on torchrun ranks > 0."""
+    on torchrun ranks > 0 (no lock); reader: a process that only reads the run (--eval,
+    sample.py) shares the lock, so no run writes meanwhile."""
 
     def __init__(self, path, config, math, *,
-                 resume=False, overwrite=False, replaceable=False, writer=True):
+                 resume=False, overwrite=False, replaceable=False, writer=True, reader=False):
         self.path = Path(path)
         self.config = config
         self.math = math
         self.writer = writer
+        self.fd = None
+        self.cut = None                 # the step the log is cut back to, before its next record
         try:
             f = self.path / "run.json"
             old = self.manifest = json.loads(f.read_text()) if f.is_file() else {}
+            if not isinstance(old.get("config", {}), dict):
+                raise TypeError
             # only names of checkpoints, never a path
             old["checkpoints"] = [n for n in old.get("checkpoints", []) if CKPT.fullmatch(n)]
         except (OSError, ValueError, AttributeError, TypeError):
             raise UserError(
                 f"{self.path}/run.json is damaged; restore it or use another --out_dir"
             ) from None
-        if not writer:
+        if writer:
+            self.lock(fcntl.LOCK_EX, mkdir=True)
+        elif reader and self.path.is_dir():
+            self.lock(fcntl.LOCK_SH)
+        if resume or not writer:
             return
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            self.lock = open(self.path / ".lock", "a")
-            fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(
-                f"another process runs in {self.path}; wait for it or use another --out_dir"
-            )
-        except OSError as e:
-            raise UserError(
-                f"cannot use {self.path} for a run ({e.strerror}); choose another --out_dir"
-            )
-        if resume:
-            return
+            self.start(old, overwrite, replaceable and old.get("finished"))
+        except BaseException:
+            self.__exit__()                     # a refused run releases the lock at once
+            raise
+
+    def start(self, old, overwrite, replace_finished):
+        """A fresh run: refuse a folder that holds a run or files no run.json names, delete what
+        the old run.json names, and write a new one."""
         ckpts = sorted(p.name for p in self.path.iterdir() if CKPT.fullmatch(p.name))
-        same = old.get("finished") and old.get("config", {}).get("model") == config.get("model")
-        if (ckpts or old["checkpoints"]) and not (overwrite or (replaceable and same)):
+        same = old.get("config", {}).get("model") == self.config.get("model")
+        if (ckpts or old["checkpoints"]) and not (overwrite or (replace_finished and same)):
             raise UserError(
                 f"{self.path} holds a run ({ckpts[-1] if ckpts else 'run.json'}); continue it "
                 "with --resume, replace it with --overwrite, or use another --out_dir"
             )
+        files = ["log.jsonl", "plot.png"]
+        ours = old["checkpoints"] + files * ("config" in old)    # a run's run.json owns its files
+        for name in files:
+            if name not in ours and os.path.lexists(self.path / name):
+                raise UserError(
+                    f"{self.path / name} is not a run's (no run.json names it); move it away "
+                    "or use another --out_dir"
+                )
         with self.writing(self.path):                   # delete what that run wrote, only
-            for name in old["checkpoints"] + ["log.jsonl", "plot.png"]:
+            for name in ours:
                 p = self.path / name
-                if p.is_dir():
+                if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p)
                 else:
                     p.unlink(missing_ok=True)
-        self.manifest = {"config": config, "checkpoints": [], "finished": False}
+        self.manifest = {"config": self.config, "checkpoints": [], "finished": False}
         self.write_manifest()
+
+    def lock(self, how, mkdir=False):
+        """flock on the folder itself, which cannot be deleted from under the run as a lock file
+        could."""
+        try:
+            if mkdir:
+                self.path.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+            fcntl.flock(self.fd, how | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"another process runs in {self.path}; wait for it or use another --out_dir"
+            ) from None
+        except OSError as e:
+            raise UserError(
+                f"cannot use {self.path} for a run ({e.strerror}); choose another --out_dir"
+            ) from None
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        if self.writer:
-            self.lock.close()                   # releases the lock (so does the process's end)
+        if self.fd is not None:
+            os.close(self.fd)                   # releases the lock (so does the process's end)
+            self.fd = None
 
     @contextmanager
     def writing(self, path, tmp=None):          # a full or read-only disk, or a permission
         try:
             yield
-        except OSError as e:
+        except (OSError, RuntimeError, SafetensorError) as e:    # torch.save: RuntimeError
             latest = self.latest()
             intact = f", then --resume: {latest} is intact" if latest else ""
+            why = getattr(e, "strerror", None) or str(e).splitlines()[0]
             raise UserError(
-                f"cannot write {path} ({e.strerror or e}); free space or fix permissions{intact}"
+                f"cannot write {path} ({why}); free space or fix permissions{intact}"
             ) from None
         finally:
-            if tmp:                             # renamed into place, or a failure's leftovers
+            if tmp and tmp.is_dir():            # renamed into place, or a failure's leftovers
                 shutil.rmtree(tmp, ignore_errors=True)
+            elif tmp:
+                tmp.unlink(missing_ok=True)
 
-    def write(self, name, text):                # atomically: a temporary file, fsync, rename
+    def write(self, name, text):                # atomically: a new temporary file, fsync, rename
         f = self.path / name
-        tmp = self.path / f".{name}.tmp"
-        with self.writing(f):
-            tmp.write_text(text)
-            fsync(tmp)
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp_{name}.", dir=self.path)
+        with self.writing(f, Path(tmp)):
+            with open(fd, "w") as out:
+                out.write(text)
+                out.flush()
+                os.fsync(fd)
             os.replace(tmp, f)
             fsync(self.path)
 
@@ -163,18 +175,19 @@ class Run:
 
     def save(self, step, model, adapters, state, base_model=""):
         """ckpt_<step>/: each adapter, state.pt (with format and step) and config.json, fsynced in
-        a temporary folder, listed in run.json, renamed into place; only then are this run's
+        a new temporary folder, listed in run.json, renamed into place; only then are this run's
         older checkpoints deleted."""
         final = self.path / f"ckpt_{step:06d}"
-        tmp = self.path / f".tmp_ckpt_{step:06d}"
         m = self.manifest
         ours = m["checkpoints"]
         if not self.writer:
             return final
-        if final.exists():                              # never ours: resumed runs save later steps
+        if os.path.lexists(final):                      # never ours: resumed runs save later steps
             raise UserError(f"{final} is not this run's; move it elsewhere, then --resume")
+        tmp = None
+        with self.writing(final):
+            tmp = Path(tempfile.mkdtemp(prefix=f".tmp_ckpt_{step:06d}.", dir=self.path))
         with self.writing(final, tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
             for name in adapters:
                 save_adapter(model, name, tmp / name, base_model)
             torch.save({**state, "format": FORMAT, "step": step}, tmp / "state.pt")
@@ -203,6 +216,7 @@ class Run:
             saved = json.loads((ckpt / "config.json").read_text())
             state = torch.load(ckpt / "state.pt", weights_only=True)
             fmt = state.get("format")
+            saved.get("model")
         except Exception as e:
             raise UserError(
                 f"{ckpt} is damaged ({type(e).__name__}); restore it from a copy or start afresh "
@@ -212,6 +226,19 @@ class Run:
             raise UserError(
                 f"{ckpt} has format {fmt}, this code reads {FORMAT}; start anew with --overwrite"
             )
+        try:                                    # what the loop restores: as a save wrote it
+            torch.Generator(model.lm_head.weight.device).set_state(state["rng"])
+            torch.Generator().set_state(state["measure_rng"])
+            adam = {"state", "param_groups"} <= state["optimizer"].keys()
+            ok = adam and type(state["step"]) is int
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError):
+            ok = False
+        if not ok:
+            raise UserError(
+                f"{ckpt}/state.pt lacks a valid step, optimizer or RNG state; restore it from a "
+                "copy or start afresh with --overwrite"
+            )
+        identity.check(saved, self.config, "--resume")
         changed = [f"--{k} {saved.get(k)!r} -> {self.config.get(k)!r}"
                    for k in self.math
                    if saved.get(k) != self.config.get(k)]
@@ -233,22 +260,32 @@ class Run:
         except CheckpointError as e:
             raise UserError(f"--resume: {e}") from None
         self.manifest["finished"] = False
-        self.cut_log(state["step"])
+        self.cut = state["step"]                # at the next record: the run has started again
         return state
 
     def log(self, record):
+        if self.writer and self.cut is not None:
+            self.cut_log(self.cut)
         if self.writer:
             f = self.path / "log.jsonl"
             with self.writing(f), open(f, "a") as out:
                 out.write(json.dumps(record) + "\n")
 
-    def records(self):                          # a last line torn by a crash is left out
+    def records(self):                          # a line torn by a crash or an edit is left out
         f = self.path / "log.jsonl"
-        if not f.is_file():
-            return []
-        return [json.loads(s) for s in f.read_text().splitlines() if s.endswith("}")]
+        lines = f.read_text().splitlines() if f.is_file() else []
+        out = []
+        for s in lines:
+            try:
+                r = json.loads(s)
+            except ValueError:
+                continue
+            if isinstance(r, dict) and type(r.get("step")) is int:
+                out.append(r)
+        return out
 
     def cut_log(self, step):                    # steps ≥ step run again: none appears twice
+        self.cut = None
         if self.writer and (self.path / "log.jsonl").is_file():
             kept = (json.dumps(r) + "\n" for r in self.records() if r["step"] < step)
             self.write("log.jsonl", "".join(kept))
@@ -257,74 +294,3 @@ class Run:
         self.manifest["finished"] = True
         if self.writer:
             self.write_manifest()
-
-
-class Interrupts:
-    """with Interrupts() as stop: SIGINT (Ctrl-C) and SIGTERM (preemption) set stop.signal instead
-    of killing the process; the loop saves at the end of the current step and exits. A second
-    signal stops at once."""
-
-    def __enter__(self):
-        self.signal = None
-        self.saved = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def handle(self, signum, frame):
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for s, handler in self.saved.items():
-            signal.signal(s, handler)
-
-
-# -------------------------------------------------------------------------------------------------
-# torchrun: data parallelism over the LoRA gradients
-
-class Shard(typing.NamedTuple):
-    """This process's slots of the global batch: the rank-th of `world` equal slices."""
-    rank: int = 0
-    world: int = 1
-
-    def mine(self, n):
-        return slice(self.rank * n // self.world, (self.rank + 1) * n // self.world)
-
-
-@contextmanager
-def distributed():
-    """`torchrun --nproc_per_node N train_lm.py ...` sets WORLD_SIZE, RANK, LOCAL_RANK: join the
-    group (gloo on CPU, NCCL on GPUs), silence stdout on ranks > 0, leave at the end. Without
-    torchrun: Shard(0, 1)."""
-    if "WORLD_SIZE" not in os.environ:
-        yield Shard()
-        return
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if local < torch.cuda.device_count():
-        torch.cuda.set_device(local)
-    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
-    stdout = sys.stdout
-    try:
-        if dist.get_rank() > 0:
-            sys.stdout = open(os.devnull, "w")
-        yield Shard(dist.get_rank(), dist.get_world_size())
-    finally:
-        sys.stdout = stdout
-        dist.destroy_process_group()
-
-
-def all_reduce(params, values, shard):
-    """Average the LoRA gradients and the logged values over ranks in one bucket (one frozen base
-    serves every role: no DDP wrapper). Ranks hold equally many rows, so this is the global
-    batch's gradient."""
-    values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=params[0].device)
-                          for v in values])
-    if shard.world == 1:
-        return values
-    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-    flat = torch.cat([g.flatten() for g in grads] + [values])
-    dist.all_reduce(flat)
-    flat /= shard.world
-    for p, g in zip(params, flat[:-len(values)].split([p.numel() for p in params])):
-        p.grad = g.view_as(p)
-    return flat[-len(values):]

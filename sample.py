@@ -19,18 +19,25 @@ tokens. --base draws from μ, the frozen base: its answers are what the run star
 own layout and with its config.json and tokenizer files: transformers loads it without nano_nash
 or peft, and greedy decoding gives the same tokens as here.
 """
+import cli
+
+if __name__ == "__main__":
+    cli.catch_signals()         # first: Ctrl-C during the imports below is one line too
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
+from evaluate import plain
 from model import generate
-from runs import Run, UserError, flags
+from cli import UserError, flags
+from runs import Run
 from tasks import find_weights, load_prompts, pick_device
 from tokenizer import load_tokenizer
 from train_lm import ALGOS, TrainConfig
-from weights import CheckpointError, export_merged, load_adapter, load_model, model_name
+from weights import export_merged, load_adapter, load_model, model_name
 
 
 @dataclass
@@ -67,8 +74,9 @@ def check(cfg):
 
 
 def read_run(path):
-    """The run's TrainConfig, as run.json recorded it."""
-    run = Run(path, {}, [], resume=True, writer=False)
+    """The run (its folder locked, shared: no run writes it meanwhile) and its TrainConfig, as
+    run.json recorded it."""
+    run = Run(path, {}, [], resume=True, writer=False, reader=True)
     saved = run.manifest.get("config")
     if not saved:
         raise UserError(f"{path} is not a run of train_lm.py (no run.json); pass --run "
@@ -87,34 +95,35 @@ def load(cfg):
     first, the weights last."""
     path = Path(cfg.run)
     run, trained, base = read_run(path)
-    ckpt = path / cfg.checkpoint if cfg.checkpoint else run.latest()
-    if ckpt is None or not ckpt.is_dir():
-        listed = run.manifest.get("checkpoints") or "none"
-        raise UserError(f"{path}: no checkpoint {cfg.checkpoint or 'yet'} (the run lists "
-                        f"{listed}); train first, or pass --checkpoint ckpt_NNNNNN")
-    adapter = cfg.adapter or ALGOS[trained.algo].adapters[0]
-    if not (ckpt / adapter).is_dir():
-        saved = sorted(p.name for p in ckpt.iterdir() if p.is_dir())
-        raise UserError(f"{ckpt} has no adapter {adapter!r}; it has {saved}")
-    if cfg.temperature is None:
-        cfg.temperature = trained.temperature
-    trained.weights = cfg.weights or trained.weights
-    trained.device = cfg.device
-    folder = find_weights(trained)
-    if base and model_name(folder) != base:
-        print(f"note: the run trained on {base}; these weights are {model_name(folder)}")
-    try:
-        tok = load_tokenizer(folder)
-    except ValueError as e:                     # not a tokenizer.json we read
-        raise UserError(str(e)) from None
-    device = pick_device(trained)
-    dtype = trained.dtype
-    if dtype == "auto":
-        dtype = "float32" if device.type == "cpu" else "bfloat16"
-    model, folder = load_model(folder, device, getattr(torch, dtype))
-    load_adapter(model, adapter, ckpt / adapter)     # weights that do not fit: CheckpointError
-    print(f"{ckpt / adapter} on {model_name(folder)} ({device}, {dtype})", file=sys.stderr)
-    return model, tok, adapter, folder
+    with run:                                   # the checkpoint is read in the lock
+        ckpt = path / cfg.checkpoint if cfg.checkpoint else run.latest()
+        if ckpt is None or not ckpt.is_dir():
+            listed = run.manifest.get("checkpoints") or "none"
+            raise UserError(f"{path}: no checkpoint {cfg.checkpoint or 'yet'} (the run lists "
+                            f"{listed}); train first, or pass --checkpoint ckpt_NNNNNN")
+        adapter = cfg.adapter or ALGOS[trained.algo].adapters[0]
+        if not (ckpt / adapter).is_dir():
+            saved = sorted(p.name for p in ckpt.iterdir() if p.is_dir())
+            raise UserError(f"{ckpt} has no adapter {adapter!r}; it has {saved}")
+        if cfg.temperature is None:
+            cfg.temperature = trained.temperature
+        trained.weights = cfg.weights or trained.weights
+        trained.device = cfg.device
+        folder = find_weights(trained)
+        if base and model_name(folder) != base:
+            print(f"note: the run trained on {base}; these weights are {model_name(folder)}")
+        try:
+            tok = load_tokenizer(folder)
+        except ValueError as e:                     # not a tokenizer.json we read
+            raise UserError(str(e)) from None
+        device = pick_device(trained)
+        dtype = trained.dtype
+        if dtype == "auto":
+            dtype = "float32" if device.type == "cpu" else "bfloat16"
+        model, folder = load_model(folder, device, getattr(torch, dtype))
+        load_adapter(model, adapter, ckpt / adapter)     # weights that do not fit: CheckpointError
+        print(f"{ckpt / adapter} on {model_name(folder)} ({device}, {dtype})", file=sys.stderr)
+        return model, tok, adapter, folder
 
 
 def answer(model, tok, texts, adapter, cfg, gen):
@@ -158,7 +167,11 @@ def main(given):
     model, tok, adapter, folder = load(cfg)
     use = None if cfg.base else adapter
     if cfg.export:
-        export_merged(model, use, folder, cfg.export)
+        try:
+            export_merged(model, use, folder, cfg.export)
+        except (OSError, SafetensorError) as e:     # a full disk: safetensors' own error
+            raise UserError(f"cannot write {cfg.export} ({e}); free space or choose another "
+                            "--export folder") from None
         what = "the base alone" if cfg.base else f"the base with {adapter} merged in"
         print(f"wrote {cfg.export}: {what}, as a Hugging Face folder. Load it with\n"
               "    from transformers import AutoModelForCausalLM, AutoTokenizer\n"
@@ -176,7 +189,7 @@ def main(given):
     answers = []
     for batch in batches:
         for text, ids in zip(batch, answer(model, tok, batch, use, cfg, gen)):
-            reply = tok.decode(ids, skip_special=True).strip()
+            reply = plain(tok, ids).strip()
             answers.append(reply)
             if cfg.prompts:
                 print(f"> {text}")
@@ -185,19 +198,9 @@ def main(given):
 
 
 def command_line(argv=None):
-    """main on the command line: an error the user can fix is one line, `error: ...`, and exit
-    code 1 (with --debug: the traceback)."""
-    given = flags(SampleConfig, __doc__, argv)
-    try:
-        return main(given)
-    except (UserError, CheckpointError, OSError, torch.OutOfMemoryError) as e:
-        if given.get("debug"):
-            raise
-        what = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"error: {what}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:                   # Ctrl-C while answering: stop, no traceback
-        sys.exit(130)
+    """main on the command line, inside the error boundary (cli.run): an error the user can fix
+    is one line, `error: ...`, and exit code 1 (with --debug: the traceback)."""
+    return cli.run(main, flags(SampleConfig, __doc__, argv))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,13 @@ exactly, on the toy games of train_lm.py, against the TRUE preferences.
    Every logged step: each player's exact gap to the true NE (last and average iterate) and the mean
    error |P̂ − P| over all pairs of the judge that player is trained against.
 """
+import cli
+
+if __name__ == "__main__":
+    cli.catch_signals()         # first: Ctrl-C during the imports below is one line too
 import copy
+import math
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,7 +37,6 @@ import torch.nn.functional as F
 import plan
 import plots
 import train_lm
-from runs import flags
 from tasks import ToyTask, setup
 
 
@@ -42,6 +47,12 @@ class StudyConfig:
     seed: int = 1337
     out: str = "out/self_judge"    # run folders: out/<run name>/
     figure: str = "figures/self_judge.png"
+
+
+CHECKS = [  # (flags, what must hold, what it must be): checked before any work (cli.check)
+    ("steps labels", lambda v: 1 <= v < math.inf, "a positive integer"),
+    ("seed", lambda v: 0 <= v < 2**63, "an integer in [0, 2^63)"),
+]
 
 
 RUNS = [  # the study: (run name, algorithm (train_lm.ALGOS), its judge)
@@ -80,6 +91,10 @@ def noisy_labels(P, m, gen):
 
 def main(cfg=StudyConfig()):
     t0 = time.time()
+    cli.check(cfg, CHECKS)
+    for folder in (Path(cfg.out), Path(cfg.figure).parent):   # writable? now, not after minutes
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
     lana = plan.config("lana", seed=cfg.seed, out_dir=cfg.out)
     model, _, _ = setup(lana)
     teacher = ToyTask(lana, self_judge=True)
@@ -124,4 +139,4 @@ def main(cfg=StudyConfig()):
 
 
 if __name__ == "__main__":
-    main(StudyConfig(**flags(StudyConfig, __doc__)))
+    cli.run(lambda given: main(StudyConfig(**given)), cli.flags(StudyConfig, __doc__))

@@ -23,8 +23,9 @@ import torch
 
 import games
 import nano_nash
+from identity import fingerprint
 from model import GPT, GPTConfig, left_pad, sequence_logprobs
-from runs import UserError
+from cli import UserError
 from tokenizer import load_tokenizer, tiny_tokenizer
 from weights import find_checkpoint, load_model, model_name, read_config
 
@@ -71,6 +72,7 @@ class ToyTask:
         self.L = L
         self.tau = cfg.tau
         self.judge = SelfJudge(self.tok, self.user, TOY_JUDGE) if self_judge else self.oracle
+        self.shared = False             # prompts of a few tokens: nothing to share (prompt_once)
 
     def actions(self, r):
         """Each row's response as an index in {a,b,c}^L (base 3): (B,)."""
@@ -102,7 +104,7 @@ class ToyTask:
         return logp.double().exp().view(len(self.prompts), -1).cpu()
 
     @torch.no_grad()
-    def measure(self, model, judges, avg):
+    def measure(self, model, judges, avg, gen=None):
         """judges: trained adapter -> the adapter judging it. For each, the mean DualGap_τ (to
         π*_τ) and DualGap_0 (to the NE) of its policy and of its average iterate (the mean of the
         tables logged so far; avg is updated in place), and a self-judge's error |P̂ − P|. Keys of
@@ -124,31 +126,39 @@ class ToyTask:
         return out
 
 
-JUDGE = (
+JUDGE = (                                   # four sections: each a user turn (SelfJudge)
     "Which response is better? Read the question and the two responses, then decide which "
     "response answers the question better.\n\nQuestion:\n",
-    "\n\nResponse 1:\n",
-    "\n\nResponse 2:\n",
-    "\n\nOutput 1 or 2 and nothing else.")
+    "Response 1:\n",
+    "Response 2:\n",
+    "Output 1 or 2 and nothing else.")
 TOY_JUDGE = ("Judge ", " 1:", " 2:", " Better:")      # short: the tiny model learns to read it
 
 
 class SelfJudge:
     """An LM judges a pair from ids: the template's pieces, the prompt's ids as the policy saw
     them and each response's generated ids minus every special id: no text can write a control
-    token into its input."""
+    token into its input. Nor the judge's structure: each section of JUDGE (the question, each
+    response, the instruction) is a user turn of its own, opened and closed by the chat format's
+    control ids, so a response that writes "Response 2:" stays inside its own section. (The toy
+    judge, TOY_JUDGE, reads ids from {a, b, c} and prompts written in code, no text: one turn.)"""
     def __init__(self, tok, user, template):
         self.tok = tok
         self.user = user
-        first, *rest = template
-        self.pieces = [tok.encode(first)] + [tok.encode(p, dummy_prefix=False) for p in rest]
+        self.pieces = [tok.encode(p) for p in template]
         self.answers = [tok.encode("1")[-1], tok.encode("2")[-1]]
+        # a turn's end and the next one's start (Phi-3: <|end|> <|user|>; ChatML: <|im_end|>
+        # "\n" <|im_start|> "user\n"): the tail up to its last control id, the head but <s>
+        last = max(i for i, x in enumerate(tok.tail) if x in tok.special_ids)
+        opening = [i for i in tok.head if i != tok.bos_id]
+        self.sep = [] if template == TOY_JUDGE else tok.tail[:last] + opening
 
     def ids(self, k, a, b):
         a = [i for i in a if i not in self.tok.special_ids]
         b = [i for i in b if i not in self.tok.special_ids]
         question, before_a, before_b, end = self.pieces
-        user = question + self.user[k] + before_a + a + before_b + b + end
+        s = self.sep
+        user = question + self.user[k] + s + before_a + a + s + before_b + b + s + end
         return self.tok.chat(user)
 
     def logits(self, model, ks, first, second, adapters):
@@ -202,8 +212,9 @@ class ChatTask:
         self.user = [u[:max_prompt_tokens] for u in user]
         self.prompts = [tok.chat(u) for u in self.user]
         self.judge = SelfJudge(tok, self.user, JUDGE)
+        self.shared = True              # the samples of one prompt: score it once (prompt_once)
 
-    def measure(self, model, judges, avg):
+    def measure(self, model, judges, memo, gen):
         return {}                                       # no exact yardstick for a real LM
 
 
@@ -211,6 +222,8 @@ def load_prompts(path):
     """JSON lines or a JSON array, of strings or {"prompt": ...} objects; or plain text, one
     prompt a line."""
     path = Path(path)
+    if path.is_char_device() or path.is_block_device():     # /dev/zero, /dev/urandom: no end
+        raise UserError(f"cannot read prompts file {path} (a device); pass --prompts FILE")
     try:
         text = path.read_bytes().decode("utf-8-sig")          # -sig: a byte-order mark is not text
     except OSError as e:
@@ -219,7 +232,7 @@ def load_prompts(path):
         ) from None
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 (byte {e.start}); save it as UTF-8") from None
-    lines = text.splitlines()
+    lines = text.split("\n")        # \n or \r\n only: U+2028, \x0b, \x1c ... belong to a prompt
     first = text.lstrip()[:1]
     json_text = path.suffix != ".txt" and first in ("{", "[")
     if path.suffix in (".json", ".jsonl") or json_text:
@@ -228,7 +241,7 @@ def load_prompts(path):
                 items = json.loads(text)
             else:
                 items = [json.loads(s) for s in lines if s.strip()]
-        except ValueError as e:
+        except (ValueError, RecursionError) as e:        # RecursionError: [[[[...]]]] too deep
             raise UserError(
                 f"{path}: not valid JSON ({e}); write one {{\"prompt\": ...}} per line"
             ) from None
@@ -239,6 +252,12 @@ def load_prompts(path):
                     f"{path}: item {i} is not a string or an object with a string \"prompt\" field"
                 )
     kept = [s.strip() for s in lines if s.strip()]
+    for i, s in enumerate(kept, 1):
+        try:
+            s.encode()
+        except UnicodeEncodeError:                  # "\ud800" in JSON: half of a character
+            raise UserError(f"{path}: prompt {i} holds a lone surrogate (a \\uD800-\\uDFFF "
+                            "escape without its pair); write the character itself") from None
     if len(kept) < len(lines):
         print(f"skipped {len(lines) - len(kept)} empty prompt(s) in {path}")
     if not kept:
@@ -340,7 +359,7 @@ def setup(cfg, held_out=False):
         model = GPT(GPTConfig.from_name("tiny"))
         return model.to(device), ToyTask(cfg), "tiny"
     prompts = Path(cfg.prompts or ROOT / "data" / "prompts.jsonl")
-    texts = load_prompts(prompts)
+    texts = load_prompts(prompts) if cfg.task == "chat" else []
     if held_out and len(texts) < 10:
         raise UserError(
             f"--eval holds out every 10th prompt and {prompts} has only {len(texts)}; give 10+"
@@ -363,9 +382,14 @@ def setup(cfg, held_out=False):
             f"{folder}: the tokenizer has ids up to {tok.vocab_size - 1}, the model's vocabulary "
             f"only {config.vocab_size}; tokenizer.json and config.json are from different models"
         )
-    task = ChatTask(tok, texts, cfg.max_prompt_tokens, pairs)
+    if cfg.task == "words":
+        import words                                    # (it imports this file)
+        task = words.WordsTask(tok, cfg.tau, cfg.max_new_tokens)
+    else:
+        task = ChatTask(tok, texts, cfg.max_prompt_tokens, pairs)
     longest = max(map(len, task.prompts)) + cfg.max_new_tokens
-    judge = len(task.judge.ids(0, [], [])) + cfg.max_prompt_tokens + 2 * cfg.max_new_tokens
+    judge = len(task.judge.ids(0, [], [])) if isinstance(task, ChatTask) else 0
+    judge += cfg.max_prompt_tokens + 2 * cfg.max_new_tokens
     if max(longest, judge) > config.block_size:
         raise UserError(
             f"a judge prompt can reach {judge} tokens, more than the model's context "
@@ -377,4 +401,5 @@ def setup(cfg, held_out=False):
         "float32": torch.float32,
     }[cfg.dtype]
     model, _ = load_model(folder, device, dtype)
+    model.fingerprint = fingerprint(folder)     # what the run records (identity.of)
     return model, task, model_name(folder)

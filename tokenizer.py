@@ -78,7 +78,7 @@ class Tokenizer:
         self.bos_id = ids["<s>"]
         self.eos_id = ids["<|end|>"]
         self.pad_id = ids[pad]
-        self.stop_ids = (ids["<|endoftext|>"], ids["<|assistant|>"], ids["<|end|>"])
+        self.stop_ids = (ids["<|endoftext|>"], ids["<|assistant|>"], self.eos_id)
         self.head = [self.bos_id, ids["<|user|>"]]
         self.tail = [self.eos_id, ids["<|assistant|>"]]
 
@@ -101,16 +101,21 @@ class Tokenizer:
         return [i for i in map(int, ids)
                 if i in self.known and i not in drop]
 
-    def _added(self, cfg) -> dict:
+    def _added(self, cfg):
         """tokenizer.json's added tokens, content -> id. decode(skip_special=True) drops those
         the file flags special, as `tokenizers` does."""
-        self.flagged_special = {t["id"] for t in cfg["added_tokens"] if t["special"]}
-        return {t["content"]: t["id"] for t in cfg["added_tokens"]}
+        tokens = cfg["added_tokens"]
+        self.flagged_special = {t["id"] for t in tokens if t["special"]}
+        self.added = {t["content"]: t["id"] for t in tokens}
+        self.duplicated = len(set(self.added.values())) < len(tokens)    # a name or an id twice
+        return self.added
 
     def _refuse(self, model, has, names, chat_names, merged_ids):
         """One error naming everything the file has that this class does not implement: has
         (what -> does the file have it) and what neither BPE here implements."""
         missing = [t for t in chat_names if t not in names]
+        clashes = [p for p, i in model["vocab"].items()
+                   if i in self.special_ids and self.added.get(p) != i]
         has = {
             f"a {model['type']} model, not BPE":
                 model["type"] != "BPE",
@@ -120,6 +125,10 @@ class Tokenizer:
                 missing,
             "a merge that builds a control token":
                 not self.special_ids.isdisjoint(merged_ids),
+            "an added token listed twice (by name or id)":
+                self.duplicated,
+            f"pieces {clashes[:3]} whose ids are added tokens'":
+                clashes,
             **has,
         }
         if any(has.values()):
@@ -135,7 +144,7 @@ def _parse(path, read):
     as such."""
     try:
         return read(json.loads(Path(path).read_text(encoding="utf-8")))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, StopIteration) as e:
         raise ValueError(
             f"{path} is not a valid tokenizer.json ({type(e).__name__}: {e}); use the file "
             "from the Phi-3 checkpoint or the SmolLM2 one, as downloaded with the weights (e.g. "
@@ -146,7 +155,7 @@ def _parse(path, read):
 SUBWORD = ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "ignore_merges")
 
 
-def _merges(model) -> list:
+def _merges(model):
     """[left, right] pairs, rank = position in the list; tokenizer.json spells them "a b"
     (tokenizers < 0.20) or [a, b]."""
     return [m.split(" ") if isinstance(m, str) else m for m in model["merges"]]
@@ -198,14 +207,13 @@ class Phi3Tokenizer(Tokenizer):
             for a, b in pairs
         )
         added = self._added(cfg)
-        pieces = {i: p for p, i in self.vocab.items()}
-        self.id_to_token = pieces | {i: t for t, i in added.items()}
+        names = self.vocab | added              # an added token beside a piece of its id: refused
+        self.id_to_token = {i: t for t, i in names.items()}
         self.known = set(self.id_to_token)
         # The control tokens are all added tokens, flagged special or not (Phi-3's </s> is not),
         # but <0xNN>: a trainer may list the byte pieces as added tokens, yet byte fallback must
         # emit them for plain text.
         self.special_ids = {i for t, i in added.items() if not _is_byte_token(t)}
-        names = self.vocab | added
         chat_names = ("<s>", "<|endoftext|>", "<|user|>", "<|end|>", "<|assistant|>")
         template = post and [                       # {"SpecialToken": {"id": "<s>", ...}} -> "<s>"
             next(iter(x.values()))["id"]
@@ -321,7 +329,7 @@ DIGITS_THEN_GPT2 = (r"""\p{N}|'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?[^\s\p{L}\p{N}]+""
 CHATML = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
-def _byte_alphabet() -> dict[str, int]:
+def _byte_alphabet():
     """GPT-2's printable stand-ins for the 256 bytes, which the pieces are spelled in -> the
     bytes: a printable Latin-1 byte stands for itself; the other 68 (space, controls, no-break
     space, soft hyphen) move to U+0100, U+0101, ... in order."""
@@ -357,7 +365,6 @@ class ByteLevelTokenizer(Tokenizer):
         }
         merged_ids = [vocab[a + b] for a, b in _merges(model)]
         longer_ids = sorted(i for piece, i in ranks.items() if len(piece) > 1)
-        clashes = [p for p, i in vocab.items() if i in self.special_ids and added.get(p) != i]
         post = cfg["post_processor"]
         has = {   # what SmolLM2's tokenizer.json does not have -> does this one have it?
             "a normalizer":
@@ -370,8 +377,6 @@ class ByteLevelTokenizer(Tokenizer):
                 cfg["decoder"]["type"] != "ByteLevel",
             "a post_processor that may add tokens":
                 post is not None and post["type"] != "ByteLevel",
-            f"pieces {clashes} whose ids are added tokens'":
-                clashes,
             "merges that do not build the other pieces one each, in the order of their ids":
                 merged_ids != longer_ids,
         }
@@ -469,7 +474,7 @@ def load_tokenizer(path=None) -> Tokenizer:
     return kind(file)
 
 
-def _kind(cfg) -> type:
+def _kind(cfg):
     """A byte-level BPE decodes with the ByteLevel decoder (bytes spelled as printable
     characters); anything else goes to Phi3Tokenizer, which refuses what is not Phi-3's."""
     byte_level = cfg["decoder"] and cfg["decoder"]["type"] == "ByteLevel"

@@ -21,6 +21,11 @@ Simplifications: one gradient step per batch; duel labels are sampled (y wins wi
 P(y ≻ y'), INPO's λ_p); Phi-3's run samples at temperature 0.1 (LANA's setting), which the theory
 of INPO and Nash-MD-PG (y ~ π) does not cover (SmolLM2's samples at 1).
 """
+import cli
+
+if __name__ == "__main__":
+    cli.catch_signals()         # first: Ctrl-C during the imports below is one line too
+
 import hashlib
 import json
 import math
@@ -34,8 +39,11 @@ import torch
 
 import nano_nash
 import plots
+import words
 from model import generate, sequence_logprobs
-from runs import Interrupts, Run, Shard, UserError, all_reduce, flags
+from cli import Interrupts, UserError, flags
+from parallel import Shard, all_reduce
+from runs import Run
 from tasks import Rollout, setup
 
 
@@ -46,7 +54,10 @@ from tasks import Rollout, setup
 class TrainConfig:
     model: str = "tiny"          # a key of MODELS: tiny: the toy game (exact gaps, CPU) | phi3:
                                  # Phi-3-mini-4k | smollm2: SmolLM2-135M-Instruct (2 CPU cores)
-    algo: str = ""               # a key of ALGOS, or all; "": tiny all (the comparison), else lana
+    algo: str = ""               # a key of ALGOS, or all; "": tiny all (the comparison), smollm2
+                                 # inpo, phi3 lana
+    task: str = ""               # toy | words (words.py) | chat (real prompts, self-judged); "":
+                                 # the model's (MODELS), chat when --prompts is given
     weights: str = ""            # real models: a folder or HF cache; else $NANO_NASH_WEIGHTS, the
                                  # HF cache (tasks.HUB)
     prompts: str = ""            # real models: .jsonl / .json / .txt; "" = data/prompts.jsonl
@@ -96,8 +107,9 @@ class TrainConfig:
 # orders (SmolLM2 favours a position: --judge_check); float32, the CPU's (on a GPU too: it is
 # small, and --dry_run counts what runs).
 MODELS = {
-    "tiny": {},                                  # TrainConfig's defaults
+    "tiny": dict(task="toy"),                    # TrainConfig's defaults
     "phi3": dict(
+        task="chat",
         max_steps=750,
         iter_steps=250,
         samples=1,
@@ -105,6 +117,7 @@ MODELS = {
         temperature=0.1,
     ),
     "smollm2": dict(
+        task="words",
         max_steps=30,
         iter_steps=10,
         batch_size=2,
@@ -118,7 +131,28 @@ MODELS = {
     ),
 }
 
-MATH = ("model algo base prompts_sha batch_size samples lr adam_beta1 tau eta iter_steps "
+# Each task's defaults over the model's (and its default --algo): the words game (words.py) asks
+# 3 games a step, `samples` answers each, of at most 3 tokens (a move is 1 or 2, then its end);
+# its sampled yardstick costs seconds (N_SAMPLES answers per game), so it is logged every 5 steps.
+TASKS = {
+    "toy": dict(algo="all"),
+    "chat": dict(algo="lana"),
+    "words": dict(
+        algo="inpo",
+        figure="figures/words.png",
+        max_steps=40,
+        iter_steps=10,
+        batch_size=3,
+        samples=8,
+        max_new_tokens=3,
+        temperature=1.0,
+        lr=2e-3,
+        log_every=5,
+        save_every=10,
+    ),
+}
+
+MATH = ("model task algo base prompts_sha batch_size samples lr adam_beta1 tau eta iter_steps "
         "max_new_tokens temperature mix_beta lora_rank cosine max_prompt_tokens judge_both_orders "
         "label_noise seed dtype").split()        # --resume refuses to change these
 
@@ -157,7 +191,8 @@ def sample(model, task, cfg, k, adapters, u, mix_beta=0.0):
 def score(model, task, r, adapters, grad=False):
     """log π(y|x) of each row under `adapters` (one, or one per row): (B,)."""
     with torch.set_grad_enabled(grad):
-        return sequence_logprobs(model, r.tokens, r.mask, r.resp, adapters, task.vocab)
+        return sequence_logprobs(model, r.tokens, r.mask, r.resp, adapters, task.vocab,
+                                 task.shared)
 
 
 def duel(pref, coins):
@@ -272,7 +307,8 @@ class Algo(NamedTuple):
     gap: str              # its yardstick: "gap" = DualGap_τ (targets π*_τ), "gap0" = DualGap_0
     rows: tuple           # per slot: rows sampled, scored with a graph, scored without (memory.py)
     tiny: dict = {}       # its defaults on the toy game (over TrainConfig's)
-    real: dict = {}       # its defaults on a real model (over MODELS[model])
+    real: dict = {}       # its defaults on real prompts (over MODELS[model])
+    words: dict = {}      # its defaults on the words game (over MODELS[model], TASKS["words"])
     judges: dict = {"policy": None}   # the trained adapters, each with the adapter judging it
                                       # (None: the frozen base)
     iterates: bool = False    # a new iteration every iter_steps: π_t ("prev") <- π_θ ("policy")
@@ -294,6 +330,7 @@ ALGOS = {
         iterates=True,
         tiny=dict(lr=1e-3, adam_beta1=0.9),
         real=dict(tau=0.005 / 3, eta=200.0),
+        words=dict(tau=0.1, eta=2.0, iter_steps=5),
     ),
     "nash_md_pg": Algo(
         label="Nash-MD-PG",
@@ -363,12 +400,13 @@ def train(cfg, path, shard=Shard(), built=None):
     with Run(path, asdict(cfg), MATH, resume=cfg.resume, overwrite=cfg.overwrite,
              replaceable=cfg.model == "tiny", writer=shard.rank == 0) as run:   # refuse, then load
         model, task, base = built or setup(cfg)
-        if cfg.model != "tiny" and shard.rank == 0:   # the model judges itself: can it?
+        if cfg.task == "chat" and shard.rank == 0:    # the model judges itself: can it?
             import evaluate                             # (it reads this file's registry)
             evaluate.judge_check(model, task, cfg)
         device = model.lm_head.weight.device
-        sha = hashlib.sha256(json.dumps(task.texts).encode()).hexdigest()
-        run.config.update(base=base, prompts_sha=sha)
+        import identity                               # what the run trains on: its base
+        sha = hashlib.sha256(json.dumps(task.prompts).encode()).hexdigest()   # ids, not text
+        run.config.update(base=base, prompts_sha=sha, **identity.of(model, task.tok))
         state = run.load(model, algo.adapters) if cfg.resume else {}
         torch.manual_seed(cfg.seed)                   # the adapters' init: the same in every run
         for name in () if state else algo.adapters:   # all on ONE base; adapters off = μ
@@ -376,10 +414,12 @@ def train(cfg, path, shard=Shard(), built=None):
         model.checkpointing = cfg.grad_checkpoint
         params = [p for a in algo.judges for p in model.lora_parameters(a)]
         opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, 0.999), weight_decay=0.0)
-        gen = torch.Generator(device).manual_seed(cfg.seed)   # every random number of the run
+        gen = torch.Generator(device).manual_seed(cfg.seed)   # every random number of training
+        sampler = torch.Generator().manual_seed(cfg.seed)     # the yardstick's own (words.py)
         if state:
             opt.load_state_dict(state["optimizer"])
             gen.set_state(state["rng"])
+            sampler.set_state(state["measure_rng"])
         start, avg = state.get("step", 0), state.get("avg", {})
         slots = cfg.batch_size * cfg.samples              # the global batch: prompt x sample slots
         mine = torch.arange(slots, device=device)[shard.mine(slots)]     # this process's slots
@@ -392,7 +432,7 @@ def train(cfg, path, shard=Shard(), built=None):
             for step in range(start, cfg.max_steps + 1):
                 rec = {"step": step}
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    rec.update(task.measure(model, algo.judges, avg))
+                    rec.update(task.measure(model, algo.judges, avg, sampler))
                 if step == cfg.max_steps:
                     break
                 t0 = time.time()
@@ -440,7 +480,8 @@ def train(cfg, path, shard=Shard(), built=None):
                     ntok = rec.pop("ntok") * shard.world
                     rec.update(tok_s=ntok / dt, s_step=dt)
                     run.log(rec)
-                    shown = " | ".join(f"{key} {v:.4g}" for key, v in rec.items() if key != "step")
+                    shown = " | ".join(f"{key} {v:.4g}" for key, v in rec.items()
+                                       if isinstance(v, float))         # (not words' counts)
                     print(f"{path.name} step {step:4d} | {shown}", flush=True)
 
                 # save (a finite model only); after a signal, save and stop
@@ -450,7 +491,8 @@ def train(cfg, path, shard=Shard(), built=None):
                         finite = all(torch.isfinite(model(x, a)).all() for a in algo.adapters)
                     if not finite:
                         raise diverged(run, step + 1, "the adapters give non-finite logits")
-                    state = {"optimizer": opt.state_dict(), "rng": gen.get_state(), "avg": avg}
+                    state = {"optimizer": opt.state_dict(), "rng": gen.get_state(), "avg": avg,
+                             "measure_rng": sampler.get_state()}
                     run.save(step + 1, model, algo.adapters, state, base)
                 if stop.signal:
                     raise UserError(f"stopped by {stop.signal} after step {step + 1}, saved in "
@@ -458,14 +500,18 @@ def train(cfg, path, shard=Shard(), built=None):
         run.log(rec)
         run.finish()
         if run.writer:
-            draw({cfg.algo: (algo.gap, run.records())}, path / "plot.png")
+            draw({cfg.algo: (algo.gap, run.records())}, path / "plot.png", cfg.task)
         return run.records()
 
 
-def draw(runs, path, closed=None):
-    """plots.lm_convergence; a failed write is one line."""
+def draw(runs, path, task, closed=None):
+    """The task's figure (the words game: words.figure, else plots.lm_convergence); a failed
+    write is one line."""
     try:
-        plots.lm_convergence(runs, path, closed)
+        if task == "words":
+            words.figure(runs, path, shown=next(iter(runs)))
+        else:
+            plots.lm_convergence(runs, path, closed)
     except OSError as e:
         raise UserError(f"cannot write {path} ({e.strerror or e}); free space or fix permissions "
                         "(the run itself is saved)") from None

@@ -104,15 +104,18 @@ def find_checkpoint(path):
             f"{path} holds several models ({[r.name for r in repos]}); pass one of them"
         )
     repo = repos[0] if repos else path
-    snaps = sorted((repo / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime)
+    # folders only ("*/"): a stray file is not a snapshot
+    snaps = sorted((repo / "snapshots").glob("*/"), key=lambda p: p.stat().st_mtime)
     ref = repo / "refs" / "main"
     rev = ref.read_text().strip() if ref.is_file() else ""
     # a revision name, never a path out of the cache
     if rev and not re.fullmatch(r"\w[\w.-]*", rev):
         raise CheckpointError(f"{ref} holds {rev[:80]!r}, not a revision name; delete the file")
-    pinned = repo / "snapshots" / rev
-    snap = pinned if rev and pinned.is_dir() else (snaps or [None])[-1]
-    if snap is None or not (snap / "config.json").is_file():
+    snap = repo / "snapshots" / rev if rev else (snaps or [path])[-1]
+    if snaps and not snap.is_dir():                 # never another snapshot in its place
+        raise CheckpointError(f"{ref} names revision {rev}, which is not in {snap.parent}; "
+                              "download it again, or delete refs/main to use the newest snapshot")
+    if not (snap / "config.json").is_file():
         raise CheckpointError(
             f"{path}: no config.json (looked in the folder and in models--*/snapshots/*); "
             "the download is incomplete or this is not a model folder"

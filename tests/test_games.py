@@ -22,7 +22,7 @@ import solvers  # noqa: E402
 import plots  # noqa: E402
 from nano_nash import (best_response, duality_gap, duel_winner, geometric_mixture,  # noqa: E402
                        pg_loss)
-from runs import flags  # noqa: E402
+from cli import UserError, flags  # noqa: E402
 
 F64 = torch.float64
 MU_U = torch.full((3,), 1 / 3, dtype=F64)
@@ -748,7 +748,7 @@ def test_the_command_line_from_the_dataclass():
     cfg = config("--game", "rps", "--iters", "7", "--smoke", "--tau", "0.5")
     assert (cfg.game, cfg.iters, cfg.smoke, cfg.tau, cfg.seed) == ("rps", 7, True, 0.5, 0)
     assert config("--no-smoke").smoke is False and config() == G.GameConfig()
-    with pytest.raises(ValueError, match="unknown --game"):
+    with pytest.raises(UserError, match="--game must be all, bt3"):
         G.main(G.GameConfig(game="nope", out="/nonexistent"))
 
 

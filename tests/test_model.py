@@ -375,6 +375,30 @@ def test_an_unused_adapter_cannot_change_other_rows(fresh):
     torch.testing.assert_close(fresh(x, adapters=["b", None]), want, atol=1e-6, rtol=0)
 
 
+def test_shared_prompts_give_the_same_logprobs_and_gradients(fresh):
+    """sequence_logprobs(shared=True) runs each distinct (prompt, adapter) once (prompt_once): on
+    sampled rows with repeated prompts of different lengths, per-row adapters and a stop token
+    (padding after it), its log-probs and gradients equal the full forward's."""
+    fresh.add_adapter("a", r=4, alpha=8)
+    fresh.add_adapter("b", r=2, alpha=2)
+    randomize(fresh, "a", 1), randomize(fresh, "b", 2)
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[0], PROMPTS[2], PROMPTS[0], [1, 7]]
+    adapters = ["a", "a", "a", "b", None, "b"]
+    tokens, mask, resp = generate(fresh, prompts, 6, adapters=adapters, stop_ids=(5, 9, 14),
+                                  generator=torch.Generator().manual_seed(3))
+    assert (mask[:, -1] == 0).any() and resp[:, -1].any()       # a row stopped, another did not
+    out = []
+    for shared in (False, True):
+        fresh.zero_grad()
+        lp = sequence_logprobs(fresh, tokens, mask, resp, adapters, shared=shared)
+        (lp * torch.arange(1.0, 7.0)).sum().backward()
+        grads = [p.grad.clone() for a in ("a", "b") for p in fresh.lora_parameters(a)]
+        out.append((lp.detach(), grads))
+    torch.testing.assert_close(out[1][0], out[0][0], atol=1e-5, rtol=0)
+    for g1, g0 in zip(out[1][1], out[0][1]):
+        torch.testing.assert_close(g1, g0, atol=1e-5, rtol=1e-4)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(fresh):
     fresh.add_adapter("a", r=4, alpha=8)
     randomize(fresh, "a", 1)

@@ -104,9 +104,10 @@ def two_pairs(tmp_path):
 
 
 def smollm2(weights, tmp_path, *extra):
-    """The flags of a short smollm2 run (train_lm.main's, as the command line gives them)."""
-    return args(["--model", "smollm2", "--weights", weights, "--out_dir", tmp_path / "out",
-                 *extra])
+    """The flags of a short smollm2 run on real prompts (train_lm.main's, as the command line gives
+    them)."""
+    return args(["--model", "smollm2", "--task", "chat", "--weights", weights, "--out_dir",
+                 tmp_path / "out", *extra])
 
 
 # --------------------------------------------------------------------------------------------------
