@@ -23,9 +23,15 @@ import identity
 import nano_nash
 from cli import UserError
 from runs import Run
-from tasks import JUDGE, SelfJudge, setup
+from model import generate, sequence_logprobs
+from tasks import JUDGE, ROOT, SelfJudge, load_prompts, setup
 from train_lm import ALGOS, sample
 from weights import CheckpointError, load_adapter
+
+
+SIDE = 20             # the words game's --eval: answers per game, of the base and of the policy
+FLUENCY = 20          # ... and the chat prompts whose answers the base scores
+FLUENCY_TOKENS = 48   # ... of at most this many tokens
 
 
 @torch.no_grad()
@@ -47,6 +53,8 @@ def win_rate(cfg, path, run):
         load_adapter(model, player, run.latest() / player)
     except CheckpointError as e:
         raise UserError(f"--eval: {e}") from None
+    if cfg.task == "words":
+        return words_eval(cfg, path, model, task, player)
     device = model.lm_head.weight.device
     gen = torch.Generator(device).manual_seed(cfg.seed)
     ks = torch.arange(len(task.prompts), device=device)
@@ -80,15 +88,60 @@ def win_rate(cfg, path, run):
         "results.json": result,
     }
     out = path / "eval"
+    write(out, files)
+    print(f"{path.name}: win rate vs the base {m:.3f} (95% CI {m - half:.3f}..{m + half:.3f}, "
+          f"n = {n}); AlpacaEval JSON in {out}")
+    return result
+
+
+def write(out, files):
+    """Write {name: object} as JSON (a str as it is) into the folder out; a failure is one line."""
     try:
         out.mkdir(exist_ok=True)
         for name, obj in files.items():
-            (out / name).write_text(json.dumps(obj, indent=1, ensure_ascii=False))
+            text = obj if isinstance(obj, str) else json.dumps(obj, indent=1, ensure_ascii=False)
+            (out / name).write_text(text)
     except OSError as e:
         raise UserError(f"cannot write {out} ({e.strerror or e}); free space or fix permissions, "
                         "then run --eval again") from None
-    print(f"{path.name}: win rate vs the base {m:.3f} (95% CI {m - half:.3f}..{m + half:.3f}, "
-          f"n = {n}); AlpacaEval JSON in {out}")
+
+
+def answers(model, tok, prompts, adapter, n, u):
+    """One answer per prompt at temperature 1 (uniforms u): the Rollout's (tokens, mask, resp) and
+    the texts."""
+    t, m, r = generate(model, prompts, n, adapters=adapter, temperature=1.0,
+                       stop_ids=tok.stop_ids, pad_id=tok.pad_id, uniforms=u)
+    texts = [plain(tok, row[keep.bool()].tolist()).strip() for row, keep in zip(t, r)]
+    return (t, m, r), texts
+
+
+def words_eval(cfg, path, model, task, player):
+    """The words game's --eval: SIDE answers per game of the base and of the trained policy, drawn
+    with the same uniforms, side by side; and what the training cost in fluency: the base model's
+    per-token negative log-likelihood of the answers (FLUENCY_TOKENS new tokens, temperature 1)
+    to the first FLUENCY ordinary chat prompts of data/prompts.jsonl, the base's own answers
+    (before) and the trained policy's (after). Writes <run>/eval/words.md and results.json."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    lines = ["| game | base | trained |", "|---|---|---|"]
+    for name, prompt in zip(task.names, task.prompts):
+        u = torch.rand(SIDE, cfg.max_new_tokens, generator=gen)
+        pair = [answers(model, task.tok, [prompt] * SIDE, a, cfg.max_new_tokens, u)[1]
+                for a in (None, player)]
+        lines += [f"| {name} | {b!r} | {t!r} |" for b, t in zip(*pair)]
+    chats = load_prompts(ROOT / "data" / "prompts.jsonl")[:FLUENCY]
+    prompts = [task.tok.chat(task.tok.encode(c)) for c in chats]
+    u = torch.rand(len(prompts), FLUENCY_TOKENS, generator=gen)
+    nll = {}
+    for who, a in (("before", None), ("after", player)):
+        (t, m, r), _ = answers(model, task.tok, prompts, a, FLUENCY_TOKENS, u)
+        lp = sequence_logprobs(model, t, m, r, None)
+        nll[who] = (-lp.sum() / r.sum()).item()
+    result = dict(nll_before=nll["before"], nll_after=nll["after"], prompts=len(prompts))
+    write(path / "eval", {"words.md": "\n".join(lines) + "\n", "results.json": result})
+    print("\n".join(lines))
+    print(f"{path.name}: the base's NLL per token of answers to {len(prompts)} chat prompts: "
+          f"{nll['before']:.3f} (the base's own) -> {nll['after']:.3f} (the trained policy's); "
+          f"in {path / 'eval'}")
     return result
 
 

@@ -51,8 +51,6 @@ class GameConfig:
 
 
 CHECKS = [  # (flags, what must hold, what it must be): checked before any work (cli.check)
-    ("game", lambda v: v in "all bt3 dice rps cycle nlhf3 random".split(),
-     "all, bt3, dice, rps, cycle, nlhf3 or random"),
     ("tau", lambda v: 0 < v < math.inf, "a finite number > 0"),
     ("iters sgd_steps", lambda v: v >= 1, "a positive integer"),
     ("horizon", lambda v: v >= 10, "an integer >= 10 (MWU, SPPO and MAIO run a tenth)"),
@@ -134,9 +132,12 @@ def rpsls():
     (rock crushes scissors and lizard, paper covers rock and disproves Spock, scissors cut paper
     and decapitate lizard, lizard eats paper and poisons Spock, Spock smashes scissors and
     vaporises rock); NE uniform."""
-    beats = {(0, 2), (0, 3), (1, 0), (1, 4), (2, 1), (2, 3), (3, 1), (3, 4), (4, 0), (4, 2)}
-    P = [[.5 if i == j else float((i, j) in beats) for j in range(5)] for i in range(5)]
-    return Game("rpsls", P, torch.full((5,), 0.2, dtype=F64), ("R", "P", "S", "L", "Sp"))
+    P = [[.5, 0, 1, 1, 0],
+         [1, .5, 0, 0, 1],
+         [0, 1, .5, 1, 0],
+         [0, 1, 0, .5, 1],
+         [1, 0, 1, 0, .5]]
+    return Game("rpsls", P, [0.2] * 5, ("R", "P", "S", "L", "Sp"))
 
 
 def nlhf3(eps=0.1, mu=MU_S):
@@ -480,12 +481,14 @@ def sampled(P, mu, cfg):
     P_eps = 0.1 + 0.8 * P
     inpo_on = partial(Dynamic, algo="inpo", T=40, tau=tau, sampled=True,
                       setting="ητ = 0.1; 10 SGD steps (lr 1, B 4096) per iteration")
+
+    def inpo_step(judge):                              # judged by P or P_eps
+        return sgd(partial(inpo_batch, judge, gen, 4096, lm, 0.1 / tau, tau), 1.0, 10)
+
     per_step = partial(Dynamic, T=cfg.sgd_steps, tau=0.0, sampled=True, setting="lr 1, B 256")
     return [
-        inpo_on(name="inpo (sampled)",
-                step=sgd(partial(inpo_batch, P, gen, 4096, lm, 0.1 / tau, tau), 1.0, 10)),
-        inpo_on(name="inpo, ε = 0.1 judge (sampled)", P=P_eps,
-                step=sgd(partial(inpo_batch, P_eps, gen, 4096, lm, 0.1 / tau, tau), 1.0, 10)),
+        inpo_on(name="inpo (sampled)", step=inpo_step(P)),
+        inpo_on(name="inpo, ε = 0.1 judge (sampled)", P=P_eps, step=inpo_step(P_eps)),
         per_step(name="maio_pg (sampled)", algo="maio_pg",
                  step=sgd(partial(maio_pg_batch, P, gen, 256), 1.0)),
         per_step(name="lana (sampled)", algo="lana",
@@ -589,7 +592,10 @@ def main(cfg):
         nlhf3(),
         random_game(6, cfg.seed),
     ]
+    names = [g.name for g in games]
     games = [g for g in games if cfg.game in ("all", g.name)]
+    if not games:
+        raise cli.UserError(f"unknown --game {cfg.game!r}; choose all or {', '.join(names)}")
     out = Path(cfg.out or ("out/smoke" if cfg.smoke else "figures"))
     out.mkdir(parents=True, exist_ok=True)
     tempfile.TemporaryFile(dir=out).close()         # writable? now, not after minutes of work

@@ -50,8 +50,6 @@ class GPTConfig:
 
     @classmethod
     def from_name(cls, name):
-        if name not in PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**PRESETS[name])
 
 
@@ -199,6 +197,13 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x), lora)
 
 
+def check_length(T, config):
+    """A sequence of T tokens fits the model (its RoPE tables), else one clear error."""
+    if T > config.block_size:
+        raise ValueError(f"a sequence of {T} tokens is longer than the model's block_size "
+                         f"{config.block_size}; shorten the prompt or the number of new tokens")
+
+
 def per_row(adapters, B):
     """None or a name (for every row), or one per row -> a list of B names (None: the base)."""
     if adapters is None or isinstance(adapters, str):
@@ -251,10 +256,7 @@ class GPT(nn.Module):
         unpadded one. Query t sees key s iff s ≤ t and s is real; every query sees itself, so a row
         of padding never softmaxes over nothing."""
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than the model's "
-                             f"block_size {self.config.block_size}; shorten the prompt or the "
-                             "number of new tokens")
+        check_length(T, self.config)
         real = torch.ones_like(idx, dtype=torch.bool) if mask is None else mask.bool()
         if cache is None:
             pos = (real.cumsum(1) - 1).clamp(min=0)
@@ -362,21 +364,12 @@ class GPT(nn.Module):
 
     def lora_delta(self, layer, name):
         """(α/r) B A of adapter `name` in this layer, in the layer's dtype: what merging adds to
-        its W."""
+        its W (weights.export_merged: the base with the adapter folded in)."""
         if name not in self.adapters:
             raise ValueError(f"no adapter {name!r} to merge; adapters: {list(self.adapters)}")
         r, alpha = self.adapters[name]
         delta = alpha / r * layer.lora_B[name] @ layer.lora_A[name]
         return delta.to(layer.weight.dtype)
-
-    @torch.no_grad()
-    def merge_adapter(self, name):
-        """W <- W + (α/r) B A in every layer, then remove the adapter: the base is now base +
-        adapter."""
-        for m in self.lora_layers():
-            m.weight += self.lora_delta(m, name)
-            del m.lora_A[name], m.lora_B[name]
-        del self.adapters[name]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -391,10 +384,7 @@ class KVCache:
     all-ones mask). The write is one index_copy_ at `slots` (the last advance's): a compiled step
     keeps it in place (a slice assignment copied the whole cache)."""
     def __init__(self, config, batch_size, max_len, device, dtype):
-        if max_len > config.block_size:
-            raise ValueError(f"{max_len} tokens is longer than the model's "
-                             f"block_size {config.block_size}; shorten the prompt or the "
-                             "number of new tokens")
+        check_length(max_len, config)
         shape = (batch_size, 2 * config.n_kv_head, max_len, config.n_embd // config.n_head)
         self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.real = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
@@ -461,21 +451,19 @@ def sample_next(logits, u, temperature, top_p=1.0):
     return i.clamp(max=logits.size(-1) - 1)             # NaN logits: caught by generate
 
 
-def prefill(model, prompts, adapters, max_len, pad_id):
-    """Run each distinct (prompt, adapter) once and copy its keys and values into every row that
-    shares it (the two samples of a duel, the players' rows of one prompt).
-    -> next-token logits (B, V), KVCache."""
-    keys = [(tuple(p), a) for p, a in zip(prompts, adapters)]
+def prefill(model, tokens, mask, adapters, max_len):
+    """Left-padded prompts tokens, mask (B, T): run each distinct (prompt, adapter) once and copy
+    its keys and values into every row that shares it (the samples of one prompt, the players'
+    rows of one prompt). -> next-token logits (B, V), KVCache."""
+    keys = [(tuple(t[m.bool()].tolist()), a) for t, m, a in zip(tokens, mask, adapters)]
     uniq = list(dict.fromkeys(keys))                    # the distinct keys, in order
-    where = {key: j for j, key in enumerate(uniq)}
+    rows = [keys.index(key) for key in uniq]            # a row of each
+    x, m = tokens[rows], mask[rows]
     W = model.lm_head.weight
-    x, m = left_pad([p for p, _ in uniq], pad_id)
-    x, m = x.to(W.device), m.to(W.device)
     cache = KVCache(model.config, len(uniq), max_len, W.device, W.dtype)
-    padded = len({len(p) for p, _ in uniq}) > 1         # else no mask is needed
-    uniq_adapters = [a for _, a in uniq]
-    logits = model(x, uniq_adapters, cache, m if padded else None, last_only=True)  # (U, 1, V)
-    inv = torch.tensor([where[key] for key in keys], device=W.device)   # row -> its distinct key
+    names = [a for _, a in uniq]
+    logits = model(x, names, cache, None if m.all() else m, last_only=True)     # (U, 1, V)
+    inv = torch.tensor([uniq.index(key) for key in keys], device=W.device)  # row -> its key
     cache.take(inv)
     return logits[inv, -1], cache
 
@@ -497,7 +485,7 @@ def decode_step(model, nxt, lora, cache, twins, beta, bias):
     the cached model (a twin reads its row's token), then mix_logits.
     generate(compile=True) compiles this function."""
     x = torch.cat((nxt, nxt[twins])) if len(twins) else nxt             # (B + M,)
-    logits = model(x[:, None], lora, cache, last_only=True)
+    logits = model(x[:, None], lora, cache)                             # (B + M, 1, V)
     return mix_logits(logits[:, -1], twins, beta, bias)
 
 
@@ -544,8 +532,8 @@ def generate(model, prompts, max_new_tokens, *, adapters=None, mix_beta=0.0, mix
         beta = beta.expand(B)[:, None]                                  # (B, 1)
         twins = (beta[:, 0] > 0).nonzero().squeeze(1)                  # (M,) rows that mix
         names = per_row(adapters, B) + [mix_adapter] * len(twins)      # rows [B rows; M twins]
-        rows = list(prompts) + [prompts[t] for t in twins.tolist()]
-        logits, cache = prefill(model, rows, names, Tp + N, pad_id)
+        rows = torch.cat([torch.arange(B, device=device), twins])
+        logits, cache = prefill(model, tokens[rows, :Tp], mask[rows, :Tp], names, Tp + N)
         lora = model.lora_gate(names, len(names), stack=True)          # once for every step
         if uniforms is None:
             uniforms = torch.rand(B, N, generator=generator, device=device)
@@ -589,30 +577,22 @@ def generate(model, prompts, max_new_tokens, *, adapters=None, mix_beta=0.0, mix
 # -------------------------------------------------------------------------------------------------
 # log-probabilities: what every loss consumes
 
-def prompt_once(model, tokens, mask, first, adapters):
-    """model.trunk(tokens, adapters, mask)[:, first:], with each distinct (prompt, adapter) run
-    once (prefill) and its keys and values shared by its rows, gradients included: many answers
-    to one long prompt cost one prompt. tokens[:, :first] holds the prompts minus their last
-    token (generate's layout: left-padded prompts, then the responses)."""
-    B = tokens.size(0)
-    names = per_row(adapters, B)
-    prompts = [t[m.bool()].tolist() for t, m in zip(tokens[:, :first], mask[:, :first])]
-    _, cache = prefill(model, prompts, names, tokens.size(1), pad_id=0)
-    return model.trunk(tokens[:, first:], names, cache, mask[:, first:])
-
-
 def sequence_logprobs(model, tokens, mask, resp, adapters=None, vocab=None, shared=False):
     """log π(y|x) = Σ_t resp[t] · log π(tokens[t] | tokens[<t]) per row: (B,), differentiable.
     vocab: allowed ids; the next-token law is then renormalised over them (the law of constrained
     decoding). shared: the rows' prompts end together before the responses (generate's layout),
-    and each distinct one runs once (prompt_once). Only response positions go through lm_head
+    and each distinct (prompt, adapter) runs once, its keys and values shared by its rows,
+    gradients included: many answers to one long prompt cost one prompt. Only response
+    positions go through lm_head
     (the (B, T, V) logits are never materialised), and log π = logit[y] − logsumexp(logits) =
     −cross_entropy (fused: faster, one buffer fewer in backward)."""
-    first = 0
-    if shared and not model.checkpointing:              # (a recomputed block would write twice)
-        first = int(resp.any(0).int().argmax()) - 1     # the prompts' last column
-    if first > 0 and mask[:, first - 1].all():          # every prompt: 2 tokens or more
-        h = prompt_once(model, tokens, mask, first, adapters)           # (B, T − first, C)
+    first = 0                   # (checkpointing: a recomputed block would write the cache twice)
+    if shared and not model.checkpointing:
+        first = max(int(resp.any(0).int().argmax()) - 1, 0)         # the prompts' last column
+    if first:                   # prefill each distinct prompt (minus its last token), then the rest
+        names = per_row(adapters, len(tokens))
+        _, cache = prefill(model, tokens[:, :first], mask[:, :first], names, tokens.size(1))
+        h = model.trunk(tokens[:, first:], adapters, cache, mask[:, first:])   # (B, T − first, C)
     else:
         h = model.trunk(tokens, adapters, mask=mask)                    # (B, T, C)
     sel = resp[:, first + 1:].bool()                                    # t is predicted at t − 1

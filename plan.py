@@ -23,7 +23,9 @@ CHECKS = [  # (flags, what must hold, what it must be): every number, before any
     ("batch_size samples max_new_tokens lora_rank save_every log_every max_prompt_tokens "
      "iter_steps micro_batches", lambda v: v >= 1, "a positive integer"),
     ("max_steps", lambda v: 0 <= v < 10**9, "an integer >= 0"),
-    ("lr tau eta temperature", lambda v: 0 < v < math.inf, "a finite number > 0"),
+    ("lr tau eta", lambda v: 0 < v < math.inf, "a finite number > 0"),
+    ("temperature", lambda v: 1e-3 <= v < math.inf,     # below, logits / T overflow to inf
+     "a finite number >= 0.001 (smaller ones overflow the logits)"),
     ("adam_beta1 mix_beta", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("label_noise", lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
     ("seed", lambda v: 0 <= v < 2**63, "an integer in [0, 2^63)"),
@@ -32,8 +34,12 @@ CHECKS = [  # (flags, what must hold, what it must be): every number, before any
 
 
 def task_of(model, given):
-    """The task a run's flags ask for: --task, else chat with --prompts, else the model's."""
-    return given.get("task") or ("chat" if given.get("prompts") else train_lm.MODELS[model]["task"])
+    """The task a run's flags ask for: --task, else the model's (a real model's: chat with
+    --prompts)."""
+    default = train_lm.MODELS[model]["task"]
+    if given.get("prompts") and default != "toy":
+        default = "chat"
+    return given.get("task") or default
 
 
 def config(algo, model="tiny", **given):
@@ -58,9 +64,9 @@ def check(cfg, world=1):
     if (cfg.task == "toy") != toy:
         raise UserError(f"--task {cfg.task} is not one for --model {cfg.model}; the toy game is "
                         "--model tiny's, words and chat a real model's")
-    if cfg.task == "words" and (cfg.eval or cfg.judge_check):
-        raise UserError("the words game's judge is its rule, and its yardstick is in its log: "
-                        "--eval and --judge_check are for real prompts (--prompts FILE)")
+    if cfg.task == "words" and cfg.judge_check:
+        raise UserError("the words game's judge is its rule (an oracle): --judge_check is for "
+                        "real prompts (--prompts FILE)")
     if cfg.algo == "inpo" and cfg.eta * cfg.tau > 1:
         raise UserError(f"INPO needs --eta x --tau <= 1 (got {cfg.eta * cfg.tau:g}); "
                         "the paper uses 1/3")
@@ -162,13 +168,14 @@ def words_report(cfgs, logs):
     print("\nsampled gap of the policy, mean over the 3 games (N answers per game, T = 1):")
     for name, recs in logs.items():
         key = train_lm.ALGOS[name].gap
-        first, last = recs[0], recs[-1]
         kind = "DualGap_0" if key == "gap0" else "DualGap_τ"
-        print(f"  {name:13s} {kind} start {first[key]:.3f} final {last[key]:.3f} "
-              f"[{last[key + '_lo']:.3f}, {last[key + '_hi']:.3f}] "
-              f"({first[key] / last[key]:.1f}x lower; floor {last[key.replace('gap', 'floor')]:.3f})"
-              f" | DualGap_0 {first['gap0']:.3f} -> {last['gap0']:.3f} | no move "
-              f"{first['no_move']:.3f} -> {last['no_move']:.3f} | KL per token {last['kl_token']:.3f}")
+        first, last = recs[0], recs[-1]
+        interval = f"[{last[key + '_lo']:.3f}, {last[key + '_hi']:.3f}]"
+        floor = last[key.replace("gap", "floor")]
+        print(f"  {name:13s} {kind} {first[key]:.3f} -> {last[key]:.3f} {interval} "
+              f"({first[key] / last[key]:.1f}x lower; floor {floor:.3f}) | DualGap_0 "
+              f"{first['gap0']:.3f} -> {last['gap0']:.3f} | no move {first['no_move']:.3f} -> "
+              f"{last['no_move']:.3f} | KL per token {last['kl_token']:.3f}")
     cfg = next(iter(cfgs.values()))
     if len(cfgs) > 1 and cfg.figure:
         runs = {name: (train_lm.ALGOS[name].gap, recs) for name, recs in logs.items()}

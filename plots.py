@@ -127,7 +127,8 @@ def figure(path, panels, xlabel, cols=3):
 
 def curve(records, key):
     """(steps, values) of the log records that hold key."""
-    return [r["step"] for r in records if key in r], [r[key] for r in records if key in r]
+    kept = [r for r in records if key in r]
+    return [r["step"] for r in kept], [r[key] for r in kept]
 
 
 def lm_convergence(runs, path, closed=None):
@@ -195,53 +196,44 @@ def self_judge(runs, path):
 
 
 def words(runs, path, shown, games, targets):
-    """The words game's figure (words.py). runs: algorithm -> (yardstick key, log records); shown:
-    the algorithm whose move frequencies are drawn; games: game name -> its moves; targets: game
-    name -> its NE (dotted, in its move's colour). Top row, per game: shown's frequency of each
-    move and of no move over the steps. Bottom row, per game: every algorithm's sampled DualGap_0
-    with its 95% interval, and the floor (the exact NE sampled as often). Last column: the
-    frequency of no move, and the mean over the games of each run's own yardstick (DualGap_τ or
-    DualGap_0) with its interval and floor."""
+    """The words game's figure (words.py). runs: algorithm -> log records; shown: the algorithm
+    whose moves are drawn; games: game name -> its moves; targets: game name -> its NE. Top row,
+    per game: shown's frequency of each move (the NE dotted in its colour) and of no move (grey).
+    Bottom row, per game: every run's sampled DualGap_0 with its 95% interval, and the floor (the
+    NE sampled as often)."""
     plt = pyplot()
     K = len(games)
-    fig, axes = plt.subplots(2, K + 1, figsize=(4.6 * (K + 1), 8.4), layout="constrained")
-    colours = plt.get_cmap("tab10").colors
+    size = (5.2 * K, 9)
+    fig, axes = plt.subplots(2, K, figsize=size, layout="constrained")
+    colours = [*plt.get_cmap("tab10").colors[:5], "0.5"]        # no move: grey
+    steps, counts = curve(runs[shown], "counts")
+    floors = curve(runs[shown], "floor0_games")[1][0]
     for k, (game, moves) in enumerate(games.items()):
-        recs = [r for r in runs[shown][1] if "counts" in r]
-        steps = [r["step"] for r in recs]
-        for i, name in enumerate([*moves, "no move"]):
-            freq = [r["counts"][k][i] / sum(r["counts"][k]) for r in recs]
-            colour = colours[i] if i < len(moves) else "0.5"
-            axes[0, k].plot(steps, freq, color=colour, marker=".", label=name)
-            if i < len(moves):
-                axes[0, k].axhline(targets[game][i], color=colour, ls=":", lw=1.5)
-        axes[0, k].set(title=f"{game}: {shown}'s moves (NE dotted)", ylim=(0, 1),
-                       ylabel="frequency (N answers, T = 1)")
-        axes[0, k].legend(loc="upper right", fontsize=8)
-        for algo, (_, recs) in runs.items():
+        top = axes[0, k]
+        for i, move in enumerate([*moves, "no move"]):
+            freq = [c[k][i] / sum(c[k]) for c in counts]
+            kw = dict(color=colours[i], marker=".", label=move)
+            top.plot(steps, freq, **kw)
+        for i, p in enumerate(targets[game]):
+            colour = colours[i]
+            top.axhline(p, color=colour, ls=":", lw=1.5)
+        title = f"{game}: {shown}'s moves (NE dotted)"
+        top.set(title=title, ylim=(0, 1), ylabel="frequency")
+        top.legend(loc="upper right", fontsize=9)
+        bottom = axes[1, k]
+        for algo, recs in runs.items():
             x, rows = curve(recs, "gap0_games")
-            gap, lo, hi = np.array([row[k] for row in rows]).T
-            axes[1, k].plot(x, gap, label=algo, **style(algo))
-            axes[1, k].fill_between(x, lo, hi, color=STYLE[algo][0], alpha=0.15)
-        floor = next(r["floor0_games"][k] for r in runs[shown][1] if "floor0_games" in r)
-        axes[1, k].axhline(floor, color="k", ls=":", lw=1, label="floor (NE sampled)")
-        axes[1, k].set(title=f"{game}: sampled DualGap_0", ylabel="DualGap_0", yscale="log")
-    for algo, (key, recs) in runs.items():
-        axes[0, K].plot(*curve(recs, "no_move"), label=algo, **style(algo))
-        x, gap = curve(recs, key)
-        axes[1, K].plot(x, gap, label=f"{algo} ({'DualGap_0' if key == 'gap0' else 'DualGap_τ'})",
-                        **style(algo))
-        axes[1, K].fill_between(x, curve(recs, f"{key}_lo")[1], curve(recs, f"{key}_hi")[1],
-                                color=STYLE[algo][0], alpha=0.15)
-    for key, ls in (("floor0", ":"), ("floor", "--")):
-        level = next(r[key] for r in runs[shown][1] if key in r)
-        axes[1, K].axhline(level, color="k", ls=ls, lw=1, label=f"{key} (target sampled)")
-    axes[0, K].set(title="no move: mean over the games", ylabel="frequency")
-    axes[1, K].set(title="own yardstick: mean over the games", yscale="log")
-    axes[1, K].legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=8)
-    axes[1, 0].legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), fontsize=8, ncols=2)
-    for ax in axes[1]:
-        ax.set_xlabel("SGD step")
+            mine = [row[k] for row in rows]                         # (gap, lo, hi) a step
+            gap, lo, hi = np.array(mine).T
+            bottom.plot(x, gap, label=algo, **style(algo))
+            colour = STYLE[algo][0]
+            bottom.fill_between(x, lo, hi, color=colour, alpha=0.15)
+        label = "floor (NE sampled)"
+        bottom.axhline(floors[k], color="k", ls=":", lw=1, label=label)
+        title = f"{game}: sampled DualGap_0 (95% interval)"
+        bottom.set(title=title, xlabel="SGD step", yscale="log")
+    below = (0.5, -0.1)
+    axes[1, 0].legend(loc="upper center", bbox_to_anchor=below, ncols=2)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -62,8 +62,9 @@ class SampleConfig:
 def check(cfg):
     """cfg, or the one-line error of the first flag out of range."""
     t = cfg.temperature
-    if t is not None and not 0 <= t < float("inf"):
-        raise UserError(f"--temperature must be a finite number >= 0 (0: greedy), got {t}")
+    if t is not None and not (t == 0 or 1e-3 <= t < float("inf")):   # below: logits / t overflow
+        raise UserError(f"--temperature must be 0 (greedy) or a finite number >= 0.001 "
+                        f"(smaller ones overflow the logits), got {t}")
     if not 0 < cfg.top_p <= 1:
         raise UserError(f"--top_p must be in (0, 1], got {cfg.top_p}")
     if cfg.max_new_tokens < 1 or cfg.batch_size < 1:

@@ -1,17 +1,21 @@
 """
-tasks.py: what train_lm.py trains on: two tasks behind one interface, so the loop and the steps
+tasks.py: what train_lm.py trains on: three tasks behind one interface, so the loop and the steps
 read the same.
     task.prompts, task.texts    chat-formatted token ids and the texts, one per prompt
     task.vocab, task.stop_ids   the ids responses are drawn from (None: all), and those that end
                                 them
+    task.shared                 score each distinct prompt once (model.sequence_logprobs)
     task.judge(model, r1, r2, adapters, both_orders) -> (P(y ≻ y') per pair (B,), stats)
-    task.measure(model, judges, avg)
-                                -> exact duality gaps of the policy and its average (toy), or {}
+    task.measure(model, judges, memo, gen)
+                                -> the yardstick: exact duality gaps (toy), sampled ones (words),
+                                or {}; memo and gen travel in the checkpoint
 ToyTask  (--model tiny): a tiny random Phi-3 answers 4 prompts with L tokens from {a, b, c}; each
          prompt is a game from games.py, whose P judges; the policy can be enumerated, so its
          duality gap is exact.
-ChatTask (--model phi3 or smollm2, a real model): real prompts; the LM reads a judge prompt
-         and answers "1" or "2" (SelfJudge), from ids in its own chat format.
+WordsTask (words.py, --model smollm2's default): a real chat model answers in its own words; the
+         first word is a move in a game from games.py, whose P judges; the gaps are sampled.
+ChatTask (--task chat, or --prompts FILE; --model phi3's default): real prompts; the LM reads a
+         judge prompt and answers "1" or "2" (SelfJudge), from ids in its own chat format.
 """
 import json
 import os
@@ -72,7 +76,7 @@ class ToyTask:
         self.L = L
         self.tau = cfg.tau
         self.judge = SelfJudge(self.tok, self.user, TOY_JUDGE) if self_judge else self.oracle
-        self.shared = False             # prompts of a few tokens: nothing to share (prompt_once)
+        self.shared = False             # prompts of a few tokens: nothing to share
 
     def actions(self, r):
         """Each row's response as an index in {a,b,c}^L (base 3): (B,)."""
@@ -212,7 +216,7 @@ class ChatTask:
         self.user = [u[:max_prompt_tokens] for u in user]
         self.prompts = [tok.chat(u) for u in self.user]
         self.judge = SelfJudge(tok, self.user, JUDGE)
-        self.shared = True              # the samples of one prompt: score it once (prompt_once)
+        self.shared = True              # score each distinct prompt once (sequence_logprobs)
 
     def measure(self, model, judges, memo, gen):
         return {}                                       # no exact yardstick for a real LM
@@ -360,13 +364,15 @@ def setup(cfg, held_out=False):
         return model.to(device), ToyTask(cfg), "tiny"
     prompts = Path(cfg.prompts or ROOT / "data" / "prompts.jsonl")
     texts = load_prompts(prompts) if cfg.task == "chat" else []
-    if held_out and len(texts) < 10:
+    if held_out and len(texts) < 10 and cfg.task == "chat":
         raise UserError(
             f"--eval holds out every 10th prompt and {prompts} has only {len(texts)}; give 10+"
         )
     texts = [t for i, t in enumerate(texts)
              if (i % 10 == 9) == held_out] or texts
-    pairs = load_pairs(cfg.judge_pairs or ROOT / "data" / "judge_pairs.jsonl")
+    pairs = ()
+    if cfg.task == "chat":
+        pairs = load_pairs(cfg.judge_pairs or ROOT / "data" / "judge_pairs.jsonl")
     folder = find_weights(cfg)
     config = read_config(folder / "config.json")
     if not (folder / "tokenizer.json").is_file():

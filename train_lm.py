@@ -141,12 +141,14 @@ TASKS = {
         algo="inpo",
         figure="figures/words.png",
         max_steps=40,
-        iter_steps=10,
+        iter_steps=5,
         batch_size=3,
-        samples=8,
+        samples=16,
         max_new_tokens=3,
         temperature=1.0,
-        lr=2e-3,
+        tau=0.15,
+        lr=5e-4,
+        dtype="bfloat16",
         log_every=5,
         save_every=10,
     ),
@@ -330,7 +332,7 @@ ALGOS = {
         iterates=True,
         tiny=dict(lr=1e-3, adam_beta1=0.9),
         real=dict(tau=0.005 / 3, eta=200.0),
-        words=dict(tau=0.1, eta=2.0, iter_steps=5),
+        words=dict(eta=2.0),
     ),
     "nash_md_pg": Algo(
         label="Nash-MD-PG",
@@ -340,6 +342,7 @@ ALGOS = {
         rows=(3, 1, 1),
         tiny=dict(lr=2e-4),
         real=dict(tau=0.008),
+        words=dict(lr=5e-5),
     ),
     "lana": Algo(
         label="LANA",
@@ -349,6 +352,7 @@ ALGOS = {
         rows=(4, 2, 2),
         judges={"player1": "player2", "player2": "player1"},
         tiny=dict(samples=8),
+        words=dict(lr=5e-5),
     ),
     "maio_pg": Algo(
         label="MAIO-PG",
@@ -357,6 +361,7 @@ ALGOS = {
         gap="gap0",
         rows=(3, 1, 0),
         tiny=dict(max_steps=400, samples=128, lr=1.5e-4),
+        words=dict(lr=5e-5),
     ),
     "sppo": Algo(
         label="SPPO",
@@ -367,6 +372,7 @@ ALGOS = {
         iterates=True,
         tiny=dict(lr=1e-3, adam_beta1=0.9),
         real=dict(eta=1000.0),
+        words=dict(eta=2.0),
     ),
 }
 ALGOS["lana_printed"] = ALGOS["lana"]._replace(
@@ -509,7 +515,7 @@ def draw(runs, path, task, closed=None):
     write is one line."""
     try:
         if task == "words":
-            words.figure(runs, path, shown=next(iter(runs)))
+            words.figure({name: recs for name, (_, recs) in runs.items()}, path, next(iter(runs)))
         else:
             plots.lm_convergence(runs, path, closed)
     except OSError as e:

@@ -47,14 +47,15 @@ WORDS = [  # (name, the question, its moves (lower case), the assistant's earlie
      ("Scissors", "Rock"), games.rps().P),
     ("elements", "Water, fire or grass?", ("water", "fire", "grass"),
      ("Grass", "Water", "Fire"), games.weighted_cycle().P),
-    ("rpsls", "Rock, paper, scissors, lizard or Spock?",
-     ("rock", "paper", "scissors", "lizard", "spock"), ("Spock", "Lizard", "Paper", "Rock"),
-     games.rpsls().P),
+    ("rpsls", "Paper, lizard, Spock, scissors or rock?",
+     ("rock", "paper", "scissors", "lizard", "spock"),
+     ("Rock", "Spock", "Scissors", "Lizard", "Paper"), games.rpsls().P),
 ]
 N_SAMPLES = 256     # answers per game and adapter at every logged step
 N_MU = 512          # answers per game of the base model, once (μ̂)
 KL_SAMPLES = 64     # of them, those the KL estimate scores (twice: under π and μ)
 DRAWS = 1000        # bootstrap draws of an interval, and draws of a floor
+ENDS = torch.tensor([0.025, 0.975], dtype=F64)     # the quantiles of a 95% interval
 
 
 def first_word(text):
@@ -62,8 +63,11 @@ def first_word(text):
     words = text.split()
     if not words:
         return ""
-    kept = [c for c in words[0] if not unicodedata.category(c).startswith("P")]
-    return "".join(kept).lower()
+    letters = []
+    for c in words[0]:
+        if not unicodedata.category(c).startswith("P"):
+            letters.append(c)
+    return "".join(letters).lower()
 
 
 def move(text, moves):
@@ -86,7 +90,7 @@ def with_no_move(P):
 def few_shot(tok, question, answers):
     """The ids of a chat, in the model's format, where the user asked `question` once per answer
     and the assistant gave it, then asks again. An answer's turn closes as chat() closes the
-    user's (its tail up to the last control id: ChatML's <|im_end|>\\n, Phi-3's <|end|>); only
+    user's (its tail up to the last control id: ChatML's <|im_end|>\n, Phi-3's <|end|>); only
     the first turn has the BOS."""
     q = tok.encode(question)
     last = max(i for i, t in enumerate(tok.tail) if t in tok.special_ids)
@@ -98,31 +102,40 @@ def few_shot(tok, question, answers):
     return ids + turn
 
 
+# --------------------------------------------------------------------------------------------------
+# the sampled yardstick
+
 def resample(freqs, n, draws, gen):
-    """`draws` frequency vectors of n draws from freqs (n,): (draws, len(freqs)), float64."""
+    """`draws` frequency vectors of n draws from freqs (m,): (draws, m), float64."""
     idx = torch.multinomial(freqs.float(), n * draws, replacement=True, generator=gen)
+    idx = idx.view(draws, n)
+    ones = torch.ones(draws, n, dtype=F64)
     counts = torch.zeros(draws, len(freqs), dtype=F64)
-    return counts.scatter_add_(1, idx.view(draws, n), torch.ones(draws, n, dtype=F64)) / n
+    return counts.scatter_add_(1, idx, ones) / n
 
 
 def gaps(Qs, freqs, mus, tau):
-    """DualGap_τ of each game's frequencies (..., n_k + 1) against μ̂ (τ = 0: DualGap_0): (K, ...)."""
-    return torch.stack([nano_nash.duality_gap(Q, f, mu, tau) for Q, f, mu in zip(Qs, freqs, mus)])
+    """DualGap_τ of each game's frequencies (..., m_k) against μ̂ (τ = 0: DualGap_0): (K, ...)."""
+    each = []
+    for Q, f, mu in zip(Qs, freqs, mus):
+        each.append(nano_nash.duality_gap(Q, f, mu, tau))
+    return torch.stack(each)
 
 
 def sampled_gap(Qs, counts, mus, tau, gen):
-    """The sampled gap of each game's move counts, and the bootstrap draws of its frequencies
-    (DRAWS, the same sample size): (K,), (K, DRAWS). Their mean over the games and its 2.5% and
-    97.5% quantiles are the logged gap and interval."""
-    freqs = [c.double() / c.sum() for c in counts]
-    draws = [resample(f, int(c.sum()), DRAWS, gen) for f, c in zip(freqs, counts)]
+    """The gap of each game's move counts (K,), and of DRAWS bootstrap draws of as many answers
+    from their frequencies (K, DRAWS): the logged gap and its interval come from these."""
+    n = int(counts[0].sum())                        # answers per game
+    freqs = [c.double() / n for c in counts]
+    draws = [resample(f, n, DRAWS, gen) for f in freqs]
     return gaps(Qs, freqs, mus, tau), gaps(Qs, draws, mus, tau)
 
 
 def floor(Qs, targets, mus, tau, n, gen):
     """The mean sampled gap of the exact targets (each game's NE, or π*_τ) from n answers: what
     sampling noise alone shows for a perfect policy. (K,)."""
-    return gaps(Qs, [resample(t, n, DRAWS, gen) for t in targets], mus, tau).mean(1)
+    draws = [resample(t, n, DRAWS, gen) for t in targets]
+    return gaps(Qs, draws, mus, tau).mean(1)
 
 
 def smoothed(counts):
@@ -133,39 +146,45 @@ def smoothed(counts):
 
 class WordsTask:
     """The words game (this file's docstring): prompts, an oracle judge, the sampled yardstick."""
-    shared = True       # many answers to one long prompt: score each prompt once (prompt_once)
+    shared = True       # many answers to one long prompt: score it once (sequence_logprobs)
 
     def __init__(self, tok, tau, max_new_tokens):
         self.tok = tok
         self.names, self.texts, self.moves, examples, Ps = zip(*WORDS)
         self.Q = [with_no_move(P) for P in Ps]
-        self.prompts = [few_shot(tok, q, a) for q, a in zip(self.texts, examples)]
+        self.prompts = []
+        for question, answers in zip(self.texts, examples):
+            self.prompts.append(few_shot(tok, question, answers))
         self.vocab = None
         self.stop_ids = tok.stop_ids
         self.tau = tau
         self.length = max_new_tokens
-        self.pairs = ()                 # the judge is the rule: no judge check
 
     def move_of(self, r):
         """Each row's move: a list of B indices (len(moves): no move)."""
-        texts = [self.tok.decode(y, skip_special=True) for y in r.response_ids()]
-        return [move(t, self.moves[k]) for t, k in zip(texts, r.k.tolist())]
+        out = []
+        for y, k in zip(r.response_ids(), r.k.tolist()):
+            text = self.tok.decode(y, skip_special=True)
+            out.append(move(text, self.moves[k]))
+        return out
 
     def judge(self, model, r1, r2, adapters=None, both_orders=False):
         """P(y ≻ y') per pair (B,): the game's P on the two moves."""
-        pairs = zip(r1.k.tolist(), self.move_of(r1), self.move_of(r2))
-        p = [self.Q[k][i, j].item() for k, i, j in pairs]
+        p = []
+        first, second = self.move_of(r1), self.move_of(r2)
+        for k, i, j in zip(r1.k.tolist(), first, second):
+            p.append(self.Q[k][i, j].item())
         return torch.tensor(p, device=r1.k.device), {}
 
-    def answers(self, model, adapter, n, gen, games=None):
-        """n answers to each of `games` (indices; None: every game) at temperature 1, uniforms from
-        gen: a Rollout per game (one prompt per call: no padding, no mask)."""
+    def answers(self, model, adapter, n, gen):
+        """n answers to each game at temperature 1, uniforms from gen: a Rollout per game (one
+        prompt per call: no padding, no mask)."""
         out = []
-        for k in range(len(self.prompts)) if games is None else games:
+        for k, prompt in enumerate(self.prompts):
             u = torch.rand(n, self.length, generator=gen)
-            r = generate(
+            t, m, r = generate(
                 model,
-                [self.prompts[k]] * n,
+                [prompt] * n,
                 self.length,
                 adapters=adapter,
                 temperature=1.0,
@@ -173,47 +192,60 @@ class WordsTask:
                 pad_id=self.tok.pad_id,
                 uniforms=u,
             )
-            out.append(Rollout(*r, torch.full((n,), k, device=r[0].device)))
+            k = torch.full((n,), k, device=t.device)
+            out.append(Rollout(t, m, r, k))
         return out
 
     def counts(self, r):
-        """The counts of a game's moves in a Rollout of its answers, no move last: (n + 1,)."""
-        k = int(r.k[0])
-        return torch.bincount(torch.tensor(self.move_of(r)), minlength=len(self.moves[k]) + 1)
+        """The counts of a game's moves in a Rollout of its answers, no move last: (m + 1,)."""
+        moves = torch.tensor(self.move_of(r))
+        m = len(self.moves[r.k[0]])
+        return torch.bincount(moves, minlength=m + 1)
+
+    def start(self, model, memo, gen):
+        """The first measurement: μ̂'s counts (the base's N_MU answers per game), the floors, and
+        what the log needs to recompute every gap (each game's moves and P). -> the first record's
+        extra keys."""
+        base = self.answers(model, None, N_MU, gen)
+        memo["mu"] = [self.counts(r).tolist() for r in base]
+        mus = [smoothed(c) for c in memo["mu"]]
+        ne = [nash(Q) for Q in self.Q]
+        stars = [regularized_nash(Q, mu, self.tau) for Q, mu in zip(self.Q, mus)]   # π*_τ
+        floor0 = floor(self.Q, ne, mus, 0.0, N_SAMPLES, gen)
+        floor_tau = floor(self.Q, stars, mus, self.tau, N_SAMPLES, gen)
+        memo["floor0"] = floor0.tolist()
+        memo["floor"] = floor_tau.tolist()
+        games = {}
+        for name, moves, Q in zip(self.names, self.moves, self.Q):
+            P = Q[:-1, :-1]
+            games[name] = dict(moves=moves, P=P.tolist())
+        return dict(games=games, mu_counts=memo["mu"])
 
     @torch.no_grad()
     def measure(self, model, judges, memo, gen):
         """The sampled gaps of each trained adapter (keys of adapter 2 end in "_<name>"), the
         floors, the frequency of no move and the per-token KL(π‖μ). memo (saved with the
-        checkpoint) keeps μ̂'s counts and the floors, computed at the first call."""
-        out = {}
-        if "mu" not in memo:
-            memo["mu"] = [self.counts(r).tolist() for r in self.answers(model, None, N_MU, gen)]
-            out["games"] = {name: dict(moves=m, P=Q[:-1, :-1].tolist())
-                            for name, m, Q in zip(self.names, self.moves, self.Q)}
-            out["mu_counts"] = memo["mu"]
+        checkpoint) keeps μ̂'s counts and the floors (start)."""
+        out = self.start(model, memo, gen) if "mu" not in memo else {}
         mus = [smoothed(c) for c in memo["mu"]]
-        taus = {"gap0": 0.0, "gap": self.tau}
-        if "floor" not in memo:
-            memo["floor0"] = floor(self.Q, [nash(Q) for Q in self.Q], mus, 0.0, N_SAMPLES, gen)
-            stars = [regularized_nash(Q, mu, self.tau) for Q, mu in zip(self.Q, mus)]
-            memo["floor"] = floor(self.Q, stars, mus, self.tau, N_SAMPLES, gen)
         for key in ("floor0", "floor"):
-            out.update({key: memo[key].mean().item(), f"{key}_games": memo[key].tolist()})
-        ends = torch.tensor([0.025, 0.975], dtype=F64)
+            out[key] = sum(memo[key]) / len(memo[key])
+            out[key + "_games"] = memo[key]
         for i, a in enumerate(judges):
             end = f"_{a}" if i else ""
             rollouts = self.answers(model, a, N_SAMPLES, gen)
             counts = [self.counts(r) for r in rollouts]
-            for key, tau in taus.items():
+            for key, tau in (("gap0", 0.0), ("gap", self.tau)):
                 each, boot = sampled_gap(self.Q, counts, mus, tau, gen)    # (K,), (K, DRAWS)
-                lo, hi = boot.mean(0).quantile(ends)                        # of the mean
-                out.update({key + end: each.mean().item(), f"{key}_lo{end}": lo.item(),
-                            f"{key}_hi{end}": hi.item()})
-                rows = torch.cat([each[:, None], boot.quantile(ends, dim=1).T], 1)  # (K, 3)
-                out[f"{key}_games{end}"] = rows.tolist()                    # gap, lo, hi
-            none = [c[-1].item() / c.sum().item() for c in counts]
-            out["no_move" + end] = sum(none) / len(none)
+                lo, hi = boot.mean(0).quantile(ENDS)                        # of the mean
+                out[key + end] = each.mean().item()
+                out[f"{key}_lo{end}"] = lo.item()
+                out[f"{key}_hi{end}"] = hi.item()
+                lo, hi = boot.quantile(ENDS, dim=1)                         # of each game's
+                per_game = torch.stack([each, lo, hi], 1)                   # (K, 3)
+                out[f"{key}_games{end}"] = per_game.tolist()
+            none = [c[-1] / c.sum() for c in counts]
+            out["no_move" + end] = (sum(none) / len(none)).item()
             out["kl_token" + end] = self.kl(model, a, rollouts)
             out["counts" + end] = [c.tolist() for c in counts]
         return out
@@ -223,17 +255,20 @@ class WordsTask:
         diff, ntok = 0.0, 0
         for r in rollouts:
             r = r.take(slice(0, KL_SAMPLES))
-            lp = sequence_logprobs(model, r.tokens, r.mask, r.resp, adapter, shared=True)
-            lp_mu = sequence_logprobs(model, r.tokens, r.mask, r.resp, None, shared=True)
+            seqs = r.tokens, r.mask, r.resp
+            lp = sequence_logprobs(model, *seqs, adapter, shared=True)
+            lp_mu = sequence_logprobs(model, *seqs, None, shared=True)
             diff += (lp - lp_mu).sum().item()
             ntok += r.resp.sum().item()
         return diff / ntok
 
 
 def figure(runs, path, shown):
-    """plots.words for runs (algorithm -> (yardstick key, log records)): shown's move frequencies
-    beside each game's NE, every run's sampled gaps."""
-    names = [name for name, *_ in WORDS]
-    moves = {name: m for name, _, m, *_ in WORDS}
-    targets = {name: nash(with_no_move(P))[:-1].tolist() for name, *_, P in WORDS}
-    plots.words(runs, path, shown, {n: moves[n] for n in names}, targets)
+    """plots.words for runs (algorithm -> log records): shown's moves beside each game's NE,
+    every run's sampled gaps."""
+    moves = {}
+    targets = {}
+    for name, _, m, _, P in WORDS:
+        moves[name] = m
+        targets[name] = nash(with_no_move(P))[:-1].tolist()
+    plots.words(runs, path, shown, moves, targets)

@@ -742,7 +742,7 @@ CASES = [
     Case(
         "resume-other-format",
         lambda c: ckpt(c, lambda ck: set_format(ck, 0)),
-        r"ckpt_000002 has format 0, this code reads 1; start anew with --overwrite",
+        r"ckpt_000002 has format 0, this code reads 2; start anew with --overwrite",
     ),
     Case(
         "resume-changed-lr",

@@ -748,7 +748,7 @@ def test_the_command_line_from_the_dataclass():
     cfg = config("--game", "rps", "--iters", "7", "--smoke", "--tau", "0.5")
     assert (cfg.game, cfg.iters, cfg.smoke, cfg.tau, cfg.seed) == ("rps", 7, True, 0.5, 0)
     assert config("--no-smoke").smoke is False and config() == G.GameConfig()
-    with pytest.raises(UserError, match="--game must be all, bt3"):
+    with pytest.raises(UserError, match="unknown --game .nope.; choose all or bt3"):
         G.main(G.GameConfig(game="nope", out="/nonexistent"))
 
 

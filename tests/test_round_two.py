@@ -287,6 +287,9 @@ def one_line(rc, out, err, match):
     (["selfjudge.py", "--steps", -1], "--steps must be a positive integer, got -1"),
     (["sample.py", "--run", "/nowhere/run"], "/nowhere/run is not a run of train_lm.py"),
     (["sample.py", "--top_p", 2], "--top_p must be in (0, 1]"),
+    (["sample.py", "--temperature", 1e-40], "--temperature must be 0 (greedy) or a finite number"),
+    (["train_lm.py", "--model", "phi3", "--temperature", 1e-40],
+     "--temperature must be a finite number >= 0.001 (smaller ones overflow the logits)"),
 ])
 def test_every_script_ends_a_bad_flag_in_one_line(argv, match):
     one_line(*script(*argv), match)
@@ -310,10 +313,12 @@ def test_python_OO_and_a_tilde_in_a_path(tmp_path):
     assert (tmp_path / "x" / "inpo" / "run.json").is_file() and not (ROOT / "~").exists()
 
 
+@pytest.mark.parametrize("script, flags", [("games.py", ["--out"]), ("train_lm.py", ["--out_dir"])])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_while_a_script_starts_is_one_line(sig, tmp_path):
-    """Sent while torch and the rest import (or a moment later, while the games are built)."""
-    p = subprocess.Popen([sys.executable, str(ROOT / "games.py"), "--out", tmp_path],
+def test_a_signal_while_a_script_starts_is_one_line(sig, script, flags, tmp_path):
+    """Sent while torch and the rest import (or a moment later, while the games or the model are
+    built)."""
+    p = subprocess.Popen([sys.executable, str(ROOT / script), *flags, tmp_path],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                          env=ENV)
     time.sleep(0.5)

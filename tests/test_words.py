@@ -157,8 +157,10 @@ def test_the_floor_is_the_sampled_ne():
 # runs
 
 def run(weights, tmp_path, *extra):
+    """A short words run (INPO, the default) on `weights`: its log."""
     flags = args(["--model", "smollm2", "--weights", weights, "--out_dir", tmp_path / "out",
-                  "--max_steps", 4, "--log_every", 2, "--save_every", 2, "--samples", 2, *extra])
+                  "--max_steps", 4, "--log_every", 2, "--save_every", 2, "--samples", 2,
+                  "--no-cosine", *extra])
     return T.main(flags)["inpo"]
 
 
@@ -190,9 +192,45 @@ def test_the_log_alone_recomputes_every_gap(tiny_llama, tmp_path):  # noqa: F811
     assert plot.stat().st_size > 10_000
 
 
+def test_eval_shows_answers_side_by_side_and_the_fluency_cost(tiny_llama, tmp_path):  # noqa: F811
+    """--eval on a words run: 20 answers per game of the base and of the trained policy (a table in
+    eval/words.md), and the base's NLL per token of the answers to 20 chat prompts, before and
+    after; the same command twice gives the same numbers."""
+    run(tiny_llama, tmp_path, "--max_steps", 1, "--lr", 0.05)
+    first = T.main(args(["--model", "smollm2", "--weights", tiny_llama, "--out_dir",
+                         tmp_path / "out", "--eval"]))["inpo"]
+    table = (tmp_path / "out" / "inpo" / "eval" / "words.md").read_text().splitlines()
+    assert len(table) == 2 + 3 * 20 and table[2].startswith("| rps |")
+    assert first["prompts"] == 20 and 0 < first["nll_before"] != first["nll_after"] > 0
+    again = T.main(args(["--model", "smollm2", "--weights", tiny_llama, "--out_dir",
+                         tmp_path / "out", "--eval"]))["inpo"]
+    assert again == first
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "tiny", "--task", "words"], "--task words is not one for --model tiny"),
+    (["--model", "smollm2", "--judge_check"], "the words game's judge is its rule"),
+    (["--model", "smollm2", "--task", "play"], "unknown --task 'play'; choose toy or chat or"),
+    (["--model", "phi3", "--task", "toy"], "--task toy is not one for --model phi3"),
+])
+def test_words_flags_in_one_line(flags, message):
+    with pytest.raises(T.UserError, match=message):
+        T.main(args(flags))
+
+
 def test_a_resumed_run_is_bit_identical(tiny_llama, tmp_path):  # noqa: F811
     """4 steps straight, or 2 then --resume: the same log (its measurement samples come from their
-    own generator, saved with the checkpoint) and the same adapters."""
+    own generator, saved with the checkpoint) and the same adapters. (One thread: with two, this
+    CPU's BLAS rounds differently from call to call, by 1e-7.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        resumed_and_straight(tiny_llama, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def resumed_and_straight(tiny_llama, tmp_path):  # noqa: F811
     straight = run(tiny_llama, tmp_path / "a", "--log_every", 1)
     run(tiny_llama, tmp_path / "b", "--max_steps", 2, "--log_every", 1)
     resumed = run(tiny_llama, tmp_path / "b", "--resume", "--log_every", 1)
