@@ -37,6 +37,9 @@ def memory(c, cfg, dtype_bytes=2):
                     for S·g/M rows. With --grad_checkpoint: each block's input, plus one block's
                     activations while it is recomputed. The CPU and CUDA attention kernels both keep
                     only the output and its logsumexp (no T x T matrix): the same estimate on both.
+                    The words game runs each distinct prompt once: then a row keeps its N + 1
+                    tokens and its copy of the prompt's keys and values, and each prompt its own
+                    activations (an upper bound: the prompts are counted at max_prompt_tokens).
     The phases follow each other: total = base + adapters + max(kv_cache, scoring, activations)."""
     C, I, L, V = c.n_embd, c.intermediate_size, c.n_layer, c.vocab_size
     kv = c.n_kv_head * (C // c.n_head)
@@ -49,6 +52,11 @@ def memory(c, cfg, dtype_bytes=2):
     lora = L * cfg.lora_rank * (6 * C + 2 * kv + 3 * I)                # A, B of the 4 linear layers
     per_tok = (3 * C + 3 * kv + 3 * I) * dtype_bytes + (5 * C + I + 4 * R) * 4
     kept = T * (L * C * dtype_bytes + per_tok) if cfg.grad_checkpoint else T * L * per_tok
+    prompts = 0
+    if cfg.task == "words":     # each distinct prompt runs once (shared): a row keeps its answer's
+        P = cfg.max_prompt_tokens                  # activations and its copy of the prompt's k, v
+        kept = (N + 1) * L * per_tok + P * L * 2 * kv * dtype_bytes
+        prompts = graph * cfg.batch_size * P * L * per_tok
     embeddings = (1 if c.tie_embeddings else 2) * V * C       # tied: lm_head is embed_tokens
     weights = embeddings + C + L * (C * (2 * C + 2 * kv) + 3 * C * I + 2 * C)
     d = dict(
@@ -56,7 +64,7 @@ def memory(c, cfg, dtype_bytes=2):
         adapters=4 * lora * len(algo.adapters) + 12 * lora * len(algo.judges),
         kv_cache=int(sampled * S * T * L * 2 * kv * dtype_bytes),
         scoring=int(free * S * 2 * N * V * 4),
-        activations=int(graph * S * (kept + 3 * N * V * 4)),
+        activations=int(graph * S * (kept + 3 * N * V * 4) + prompts),
     )
     d["total"] = d["base"] + d["adapters"] + max(d["kv_cache"], d["scoring"], d["activations"])
     return d

@@ -35,9 +35,9 @@ CHECKS = [  # (flags, what must hold, what it must be): every number, before any
 
 def task_of(model, given):
     """The task a run's flags ask for: --task, else the model's (a real model's: chat with
-    --prompts)."""
+    --prompts or --judge_check)."""
     default = train_lm.MODELS[model]["task"]
-    if given.get("prompts") and default != "toy":
+    if (given.get("prompts") or given.get("judge_check")) and default != "toy":
         default = "chat"
     return given.get("task") or default
 

@@ -216,7 +216,7 @@ class ChatTask:
         self.user = [u[:max_prompt_tokens] for u in user]
         self.prompts = [tok.chat(u) for u in self.user]
         self.judge = SelfJudge(tok, self.user, JUDGE)
-        self.shared = True              # score each distinct prompt once (sequence_logprobs)
+        self.shared = False             # as memory.py counts: each row its own prompt
 
     def measure(self, model, judges, memo, gen):
         return {}                                       # no exact yardstick for a real LM

@@ -70,7 +70,7 @@ def test_two_ranks_equal_one_rank(tmp_path):
         run1, run2 = tmp_path / "one" / algo, tmp_path / "two" / algo
         assert_same_adapters(run1 / "ckpt_000003", run2 / "ckpt_000003")
         assert sorted(p.name for p in run2.iterdir()) == [
-            ".lock", "ckpt_000003", "log.jsonl", "plot.png", "run.json"]
+            "ckpt_000003", "log.jsonl", "plot.png", "run.json"]
         assert out2.count(f"{algo} step") == out1.count(f"{algo} step") == 3
         log1, log2 = ([json.loads(x) for x in (r / "log.jsonl").read_text().splitlines()]
                       for r in (run1, run2))

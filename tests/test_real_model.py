@@ -167,7 +167,7 @@ def parameters(folder):
 @pytest.mark.parametrize("weights", ["tiny_llama", "smollm2_dir"])
 def test_smollm2_dry_run_reads_config_json(weights, request):
     folder = request.getfixturevalue(weights)
-    d = T.main(dict(model="smollm2", weights=str(folder), dry_run=True))["lana"]
+    d = T.main(dict(model="smollm2", task="chat", weights=str(folder), dry_run=True))["lana"]
     assert d["base"] == 4 * parameters(folder)                      # float32 on the CPU: 4 bytes
     assert d["total"] > d["base"] + d["adapters"]
 
@@ -179,12 +179,12 @@ def test_smollm2_dry_run_finds_the_hugging_face_cache(tiny_llama, tmp_path, monk
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(T.UserError, match=r"^SmolLM2 weights not found .* `huggingface-cli "
                                           r"download HuggingFaceTB/SmolLM2-135M-Instruct "):
-        T.main(dict(model="smollm2", dry_run=True))
+        T.main(dict(model="smollm2", task="chat", dry_run=True))
     snapshot = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M-Instruct" / "snapshots"
     (snapshot / "abc").mkdir(parents=True)
     for f in tiny_llama.iterdir():
         (snapshot / "abc" / f.name).symlink_to(f)
-    d = T.main(dict(model="smollm2", dry_run=True))["lana"]
+    d = T.main(dict(model="smollm2", task="chat", dry_run=True))["lana"]
     assert d["base"] == 4 * parameters(tiny_llama)
 
 

@@ -209,7 +209,7 @@ def test_eval_shows_answers_side_by_side_and_the_fluency_cost(tiny_llama, tmp_pa
 
 @pytest.mark.parametrize("flags, message", [
     (["--model", "tiny", "--task", "words"], "--task words is not one for --model tiny"),
-    (["--model", "smollm2", "--judge_check"], "the words game's judge is its rule"),
+    (["--model", "smollm2", "--task", "words", "--judge_check"], "the words game's judge is"),
     (["--model", "smollm2", "--task", "play"], "unknown --task 'play'; choose toy or chat or"),
     (["--model", "phi3", "--task", "toy"], "--task toy is not one for --model phi3"),
 ])
