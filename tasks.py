@@ -222,20 +222,25 @@ class ChatTask:
         return {}                                       # no exact yardstick for a real LM
 
 
+def read_text(path, what, flag):
+    """A UTF-8 text file's text, or one line saying why not (a device such as /dev/zero has no
+    end: refused before reading)."""
+    path = Path(path)
+    if path.is_char_device() or path.is_block_device():
+        raise UserError(f"cannot read {what} {path} (a device); pass {flag} FILE")
+    try:
+        return path.read_bytes().decode("utf-8-sig")          # -sig: a byte-order mark is not text
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path} ({e.strerror}); pass {flag} FILE") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 (byte {e.start}); save it as UTF-8") from None
+
+
 def load_prompts(path):
     """JSON lines or a JSON array, of strings or {"prompt": ...} objects; or plain text, one
     prompt a line."""
     path = Path(path)
-    if path.is_char_device() or path.is_block_device():     # /dev/zero, /dev/urandom: no end
-        raise UserError(f"cannot read prompts file {path} (a device); pass --prompts FILE")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")          # -sig: a byte-order mark is not text
-    except OSError as e:
-        raise UserError(
-            f"cannot read prompts file {path} ({e.strerror}); pass --prompts FILE"
-        ) from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 (byte {e.start}); save it as UTF-8") from None
+    text = read_text(path, "prompts file", "--prompts")
     lines = text.split("\n")        # \n or \r\n only: U+2028, \x0b, \x1c ... belong to a prompt
     first = text.lstrip()[:1]
     json_text = path.suffix != ".txt" and first in ("{", "[")
@@ -277,12 +282,7 @@ FIELDS = ("prompt", "good", "bad")      # a labelled pair: a question, a right a
 def load_pairs(path):
     """The judge's labelled pairs (--judge_check): JSON lines, one {"prompt", "good", "bad"}
     object of strings a line."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(
-            f"cannot read judge pairs {path} ({e}); pass --judge_pairs FILE"
-        ) from None
+    lines = read_text(path, "judge pairs", "--judge_pairs").split("\n")     # as load_prompts
     pairs = []
     for i, line in enumerate(lines, 1):
         if not line.strip():
@@ -290,7 +290,8 @@ def load_pairs(path):
         try:
             pair = json.loads(line)
             ok = all(isinstance(pair.get(key), str) for key in FIELDS)
-        except (ValueError, AttributeError):
+            ok = ok and all(pair[key].encode() for key in FIELDS)   # a lone surrogate raises
+        except (ValueError, AttributeError, RecursionError):        # (UnicodeError: a ValueError)
             ok = False
         if not ok:
             raise UserError(f"{path}: line {i} is not a JSON object with the strings "

@@ -356,3 +356,16 @@ def test_answers_hold_no_control_token_as_text(phi3_dir):
     ids = tok.encode("Paris.") + [2, tok.eos_id]             # 2: </s>
     assert "</s>" in tok.decode(ids, skip_special=True)
     assert evaluate.plain(tok, ids) == "Paris."
+
+
+def test_judge_pairs_are_read_as_prompts_are(tmp_path):
+    """load_pairs: lines split on \\n only (a raw U+2028 inside a string is text), a device file and
+    a lone surrogate are one line each."""
+    row = {"prompt": "a\u2028b\x85c", "good": "yes", "bad": "no"}
+    (tmp_path / "p.jsonl").write_text(json.dumps(row, ensure_ascii=False) + "\r\n", newline="")
+    assert tasks.load_pairs(tmp_path / "p.jsonl") == [row]
+    with pytest.raises(T.UserError, match=r"cannot read judge pairs /dev/zero \(a device\)"):
+        tasks.load_pairs("/dev/zero")
+    (tmp_path / "s.jsonl").write_text('{"prompt": "\\ud800", "good": "x", "bad": "y"}\n')
+    with pytest.raises(T.UserError, match=r"line 1 is not a JSON object with the strings"):
+        tasks.load_pairs(tmp_path / "s.jsonl")
