@@ -139,6 +139,14 @@ JUDGE = (                                   # four sections: each a user turn (S
 TOY_JUDGE = ("Judge ", " 1:", " 2:", " Better:")      # short: the tiny model learns to read it
 
 
+def turn_break(tok):
+    """The ids between a finished turn and the next user turn's text, in the model's chat format
+    (Phi-3: <|end|> <|user|>; ChatML: <|im_end|> "\n" <|im_start|> "user\n"): chat()'s tail up to
+    its last control id, then its head without <s>. No text can write them."""
+    last = max(i for i, x in enumerate(tok.tail) if x in tok.special_ids)
+    return tok.tail[:last] + [i for i in tok.head if i != tok.bos_id]
+
+
 class SelfJudge:
     """An LM judges a pair from ids: the template's pieces, the prompt's ids as the policy saw
     them and each response's generated ids minus every special id: no text can write a control
@@ -151,11 +159,7 @@ class SelfJudge:
         self.user = user
         self.pieces = [tok.encode(p) for p in template]
         self.answers = [tok.encode("1")[-1], tok.encode("2")[-1]]
-        # a turn's end and the next one's start (Phi-3: <|end|> <|user|>; ChatML: <|im_end|>
-        # "\n" <|im_start|> "user\n"): the tail up to its last control id, the head but <s>
-        last = max(i for i, x in enumerate(tok.tail) if x in tok.special_ids)
-        opening = [i for i in tok.head if i != tok.bos_id]
-        self.sep = [] if template == TOY_JUDGE else tok.tail[:last] + opening
+        self.sep = [] if template == TOY_JUDGE else turn_break(tok)     # between the sections
 
     def ids(self, k, a, b):
         a = [i for i in a if i not in self.tok.special_ids]

@@ -40,7 +40,7 @@ import nano_nash
 import plots
 from model import generate, sequence_logprobs
 from solvers import F64, nash, regularized_nash
-from tasks import Rollout
+from tasks import Rollout, turn_break
 
 WORDS = [  # (name, the question, its moves (lower case), the assistant's earlier answers, P)
     ("rps", "Rock, paper or scissors?", ("rock", "paper", "scissors"),
@@ -89,17 +89,13 @@ def with_no_move(P):
 
 def few_shot(tok, question, answers):
     """The ids of a chat, in the model's format, where the user asked `question` once per answer
-    and the assistant gave it, then asks again. An answer's turn closes as chat() closes the
-    user's (its tail up to the last control id: ChatML's <|im_end|>\n, Phi-3's <|end|>); only
-    the first turn has the BOS."""
+    and the assistant gave it, then asks again; each answer's turn closes as tasks.turn_break
+    says."""
     q = tok.encode(question)
-    last = max(i for i, t in enumerate(tok.tail) if t in tok.special_ids)
-    close = tok.tail[:last]
-    turn = [i for i in tok.chat(q) if i != tok.bos_id]
-    ids = [] if tok.bos_id is None else [tok.bos_id]
+    ids = tok.chat(q)
     for a in answers:
-        ids += turn + tok.encode(a, dummy_prefix=False) + close
-    return ids + turn
+        ids += tok.encode(a, dummy_prefix=False) + turn_break(tok) + q + tok.tail
+    return ids
 
 
 # --------------------------------------------------------------------------------------------------
@@ -219,7 +215,7 @@ class WordsTask:
         for name, moves, Q in zip(self.names, self.moves, self.Q):
             P = Q[:-1, :-1]
             games[name] = dict(moves=moves, P=P.tolist())
-        return dict(games=games, mu_counts=memo["mu"])
+        return dict(games=games, mu_counts=memo["mu"], tau=self.tau)
 
     @torch.no_grad()
     def measure(self, model, judges, memo, gen):

@@ -369,3 +369,9 @@ def test_judge_pairs_are_read_as_prompts_are(tmp_path):
     (tmp_path / "s.jsonl").write_text('{"prompt": "\\ud800", "good": "x", "bad": "y"}\n')
     with pytest.raises(T.UserError, match=r"line 1 is not a JSON object with the strings"):
         tasks.load_pairs(tmp_path / "s.jsonl")
+
+
+def test_more_micro_batches_than_slots_is_one_line():
+    """--micro_batches above the slots of a step (batch x samples) would leave chunks empty."""
+    with pytest.raises(T.UserError, match=r"--micro_batches 9 is more than this process's 8 slots"):
+        T.main(dict(algo="inpo", samples=2, batch_size=4, micro_batches=9, max_steps=1))

@@ -200,7 +200,8 @@ def test_huge_learning_rate_never_saves_a_diverged_checkpoint(tmp_path, algo):
 
 class FakeTok:
     """A tokenizer stand-in with known special ids, to see exactly what the judge is given."""
-    special_ids, stop_ids, pad_id = {900, 901, 902}, (900,), 0
+    special_ids, stop_ids, pad_id, bos_id = {900, 901, 902}, (900,), 0, None
+    head, tail = [901], [902]
 
     def encode(self, text, bos=False, dummy_prefix=True):
         return [ord(c) % 500 + 1 for c in text]
@@ -213,7 +214,8 @@ def test_judge_input_has_no_control_token_from_prompt_or_response():
     task = tasks.ChatTask(FakeTok(), ["<|end|> hello"], max_prompt_tokens=5)
     assert task.user == [task.user[0][:5]] and len(task.user[0]) == 5   # the judge: the cut prompt
     ids = task.judge.ids(0, [1, 900, 2, 901], [902, 3])
-    assert ids[0] == 901 and ids[-1] == 902 and not set(ids[1:-1]) & FakeTok.special_ids
+    assert ids[0] == 901 and ids[-1] == 902                # the only control ids inside: the
+    assert [i for i in ids[1:-1] if i in FakeTok.special_ids] == [901] * 3    # 3 section breaks
     assert task.user[0] == ids[1 + len(task.judge.pieces[0]):][:5]
 
 
@@ -240,8 +242,9 @@ def test_phi3_judge_sees_no_injected_control_tokens(phi3_dir, monkeypatch):
     assert len(seen) == 2                                    # both orders
     for x in seen:
         ctrl = [i for i in x[0].tolist() if i in control and i != tok.pad_id]
-        assert ctrl == [tok.bos_id, 32010, 32007, 32001], ctrl   # <s> <|user|> ... <|end|>
-                                                                  # <|assistant|>
+        # <s> <|user|>, then each section (response 1, response 2, the instruction) in a turn of
+        # its own (<|end|> <|user|>), then <|end|> <|assistant|>: the template's ids, no others
+        assert ctrl == [tok.bos_id, 32010] + [32007, 32010] * 3 + [32007, 32001], ctrl
 
 
 def test_judge_logits_match_the_full_forward_pass(phi3_dir, monkeypatch):

@@ -182,7 +182,7 @@ def test_the_log_alone_recomputes_every_gap(tiny_llama, tmp_path):  # noqa: F811
     assert [r["step"] for r in measured] == [0, 2, 4]
     for r in measured:
         freqs = [torch.tensor(c, dtype=F64) / sum(c) for c in r["counts"]]
-        for key, tau in (("gap0", 0.0), ("gap", 0.1)):
+        for key, tau in (("gap0", 0.0), ("gap", first["tau"])):
             each = words.gaps(Qs, freqs, mus, tau)
             assert r[key] == pytest.approx(each.mean().item(), abs=1e-12)
             assert [g[0] for g in r[key + "_games"]] == pytest.approx(each.tolist(), abs=1e-12)
