@@ -40,6 +40,7 @@ def memory(c, cfg, dtype_bytes=2):
                     The words game runs each distinct prompt once: then a row keeps its N + 1
                     tokens and its copy of the prompt's keys and values, and each prompt its own
                     activations (an upper bound: the prompts are counted at max_prompt_tokens).
+                    With --grad_checkpoint every row runs whole (model.sequence_logprobs).
     The phases follow each other: total = base + adapters + max(kv_cache, scoring, activations)."""
     C, I, L, V = c.n_embd, c.intermediate_size, c.n_layer, c.vocab_size
     kv = c.n_kv_head * (C // c.n_head)
@@ -53,8 +54,8 @@ def memory(c, cfg, dtype_bytes=2):
     per_tok = (3 * C + 3 * kv + 3 * I) * dtype_bytes + (5 * C + I + 4 * R) * 4
     kept = T * (L * C * dtype_bytes + per_tok) if cfg.grad_checkpoint else T * L * per_tok
     prompts = 0
-    if cfg.task == "words":     # each distinct prompt runs once (shared): a row keeps its answer's
-        P = cfg.max_prompt_tokens                  # activations and its copy of the prompt's k, v
+    if cfg.task == "words" and not cfg.grad_checkpoint:   # shared prompts (not when checkpointed)
+        P = cfg.max_prompt_tokens
         kept = (N + 1) * L * per_tok + P * L * 2 * kv * dtype_bytes
         prompts = graph * cfg.batch_size * P * L * per_tok
     embeddings = (1 if c.tie_embeddings else 2) * V * C       # tied: lm_head is embed_tokens

@@ -8,8 +8,16 @@ checked before anything is loaded; how its errors end (one line); the report of 
 --algo all runs the entries of train_lm.ALGOS marked in_all, one after the other, each with its own
 defaults (config); then a table of their exact gaps (each by its yardstick) and
 figures/lm_convergence.png: their curves beside games.py's closed forms on the same games.
+
+    python plan.py out/words1337 out/words_s1 out/words_s2     # README's words table over seeds
+
+prints, for the words-game runs in these --out_dir folders (a seed each), the median and range of
+each algorithm's numbers (seeds_table).
 """
+import json
 import math
+import statistics
+import sys
 from pathlib import Path
 
 import cli
@@ -181,3 +189,34 @@ def words_report(cfgs, logs):
         runs = {name: (train_lm.ALGOS[name].gap, recs) for name, recs in logs.items()}
         train_lm.draw(runs, Path(cfg.figure), cfg.task)
         print(f"wrote {cfg.figure}")
+
+
+def seeds_table(folders):
+    """Markdown: each algorithm's words-game runs in these out_dirs, its first and last measured
+    gap by its yardstick, how many times lower, its last DualGap_0, no move and KL per token: the
+    median over the runs (the range in brackets)."""
+    runs = {}
+    for folder in folders:
+        for log in sorted(Path(folder).glob("*/log.jsonl")):
+            key = train_lm.ALGOS[log.parent.name].gap
+            recs = [json.loads(line) for line in log.read_text().splitlines()]
+            first, last = recs[0], [r for r in recs if key in r][-1]
+            numbers = (first[key], last[key], first[key] / last[key], last["gap0"],
+                       last["no_move"], last["kl_token"])
+            runs.setdefault(log.parent.name, []).append(numbers)
+    print("| algorithm (runs) | yardstick | start gap | final gap | lower by | final DualGap_0 | "
+          "no move | KL per token |")
+    print("|---" * 8 + "|")
+    for name, numbers in runs.items():
+        cells = []
+        for column in zip(*numbers):
+            cell = f"{statistics.median(column):.3f}"
+            if len(column) > 1:
+                cell += f" ({min(column):.3f}-{max(column):.3f})"
+            cells.append(cell)
+        kind = "DualGap_0" if train_lm.ALGOS[name].gap == "gap0" else "DualGap_τ"
+        print(f"| {name} ({len(numbers)}) | {kind} | {' | '.join(cells)} |")
+
+
+if __name__ == "__main__":
+    seeds_table(sys.argv[1:])

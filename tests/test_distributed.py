@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,17 @@ def test_phi3_mini_memory_per_algo():
     assert sppo["adapters"] == inpo["adapters"] and 2 * sppo["kv_cache"] == 5 * inpo["kv_cache"]
     assert sppo["scoring"] == m["nash_md_pg"]["scoring"]
     assert 2 * sppo["activations"] == inpo["activations"]
+
+
+def test_words_memory_shares_prompts_unless_checkpointed():
+    """The words game scores each distinct prompt once, so it needs less than a row per prompt;
+    --grad_checkpoint scores every row whole (model.sequence_logprobs): then it is the chat
+    task's estimate for the same shapes."""
+    flags = dict(model="smollm2", batch_size=3, samples=16, max_prompt_tokens=256, max_new_tokens=3)
+    words, chat = (P.config("inpo", **flags, task=task) for task in ("words", "chat"))
+    assert M.memory(PHI3_MINI, words)["activations"] < M.memory(PHI3_MINI, chat)["activations"]
+    words, chat = (replace(cfg, grad_checkpoint=True) for cfg in (words, chat))
+    assert M.memory(PHI3_MINI, words) == M.memory(PHI3_MINI, chat)
 
 
 def test_dry_run_cli_reads_no_weights(tmp_path):

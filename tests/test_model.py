@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, KVCache, generate, left_pad, sample_next, sequence_logprobs
+from model import (GPT, GPTConfig, KVCache, generate, left_pad, linear, prefill, sample_next,
+                   sequence_logprobs)
 from weights import load_model
 
 ASSETS = Path(__file__).parents[1] / ".." / "shared" / "assets"
@@ -84,10 +85,29 @@ def test_logits_match_transformers(pair):
     got = ours(toks, mask=mask)
     ref = hf(toks, attention_mask=mask).logits
     torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=0)
-    last = ours(toks, mask=mask, last_only=True)
+    last, _ = prefill(ours, toks, mask, [None] * len(toks), toks.size(1))
     # the same math on fewer rows: MKL may block a 3-row matmul differently from an 18-row one
     # (measured: up to 6e-7 apart on this CPU), so equal to float32 round-off, not bit for bit
-    torch.testing.assert_close(last, got[:, -1:], atol=2e-6, rtol=0)
+    torch.testing.assert_close(last, got[:, -1], atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 3), (4, 1), (2, 4), (9, 1), (3, 5)])
+def test_linear_is_x_w_transposed(shape, dtype):
+    """model.linear (W xᵀ for a few float32 rows, one row doubled): F.linear's values and
+    gradients to rounding, in any shape."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, 24, generator=g).to(dtype).requires_grad_()
+    W = torch.randn(40, 24, generator=g).to(dtype).requires_grad_()
+    y = linear(x, W)
+    want = F.linear(x, W)
+    assert y.shape == want.shape and y.is_contiguous()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(y, want, atol=tol, rtol=tol)
+    dy = torch.randn(want.shape, generator=g).to(dtype)
+    grads = torch.autograd.grad(y, (x, W), dy)
+    for got, exp in zip(grads, torch.autograd.grad(want, (x, W), dy)):
+        torch.testing.assert_close(got, exp, atol=tol * 10, rtol=tol)
 
 
 def test_left_pad():

@@ -192,6 +192,29 @@ def test_the_log_alone_recomputes_every_gap(tiny_llama, tmp_path):  # noqa: F811
     assert plot.stat().st_size > 10_000
 
 
+def test_seeds_table_gives_medians_and_ranges(tmp_path, capsys):
+    """plan.py's table over run folders: each algorithm by its own yardstick (INPO DualGap_τ, LANA
+    DualGap_0), from the first record and the last measured one, median and range over seeds."""
+    import plan
+    for seed, (start, end) in enumerate([(0.3, 0.1), (0.4, 0.05), (0.2, 0.1)]):
+        for algo, key in (("inpo", "gap"), ("lana", "gap0"))[:2 if seed < 2 else 1]:
+            folder = tmp_path / str(seed) / algo                  # LANA: the first 2 seeds
+            folder.mkdir(parents=True)
+            first = {"step": 0, "gap": 0.9, "gap0": 0.6, "no_move": 0.5, "kl_token": 0.0}
+            last = {"step": 9, "gap": 0.9, "gap0": 0.3, "no_move": seed / 10, "kl_token": 0.2}
+            first[key], last[key] = start, end
+            recs = [first, last, {"step": 9, "loss": 1.0}]
+            folder.joinpath("log.jsonl").write_text("\n".join(map(json.dumps, recs)) + "\n")
+    plan.seeds_table(sorted(str(p) for p in tmp_path.iterdir()))
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert rows[0] == ("| inpo (3) | DualGap_τ | 0.300 (0.200-0.400) | 0.100 (0.050-0.100) | "
+                       "3.000 (2.000-8.000) | 0.300 (0.300-0.300) | 0.100 (0.000-0.200) | "
+                       "0.200 (0.200-0.200) |")
+    assert rows[1] == ("| lana (2) | DualGap_0 | 0.350 (0.300-0.400) | 0.075 (0.050-0.100) | "
+                       "5.500 (3.000-8.000) | 0.075 (0.050-0.100) | 0.050 (0.000-0.100) | "
+                       "0.200 (0.200-0.200) |")
+
+
 def test_eval_shows_answers_side_by_side_and_the_fluency_cost(tiny_llama, tmp_path):  # noqa: F811
     """--eval on a words run: 20 answers per game of the base and of the trained policy (a table in
     eval/words.md), and the base's NLL per token of the answers to 20 chat prompts, before and
