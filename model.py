@@ -176,7 +176,7 @@ class Attention(nn.Module):
         q, kv = qkv.split([H, 2 * Hkv], 1)
         if cache is not None:
             kv = cache.update(self.layer, kv)                           # (B, 2Hkv, L, hs)
-        k, v = kv.chunk(2, 1)                                       # (B, Hkv, L, hs) each
+        k, v = kv.chunk(2, 1)                                           # (B, Hkv, L, hs) each
         causal = mask is None and T > 1         # a decode step (T = 1) sees every slot it is given
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=Hkv != H)         # (B, H, T, hs)
@@ -193,7 +193,7 @@ class MLP(nn.Module):
         self.down_proj = LoRALinear(cfg.intermediate_size, cfg.n_embd)
 
     def forward(self, x, lora):
-        gate, up = self.gate_up_proj(x, lora).chunk(2, -1)          # (B, T, I) each
+        gate, up = self.gate_up_proj(x, lora).chunk(2, -1)              # (B, T, I) each
         return self.down_proj(F.silu(gate) * up, lora)
 
 
@@ -566,7 +566,7 @@ def generate(model, prompts, max_new_tokens, *, adapters=None, mix_beta=0.0, mix
             mask[:, Tp + i] = ~done
             done |= torch.isin(nxt, stop)
             tokens[:, Tp + i] = nxt
-            if i % 8 == 7 and bool(done.all()):     # a host sync every 8 tokens only
+            if len(stop) and i % 8 == 7 and bool(done.all()):  # a host sync every 8 tokens only
                 break
             if i + 1 < N:
                 lp = step(model, nxt, lora, cache, twins, beta, bias)
