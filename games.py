@@ -83,8 +83,7 @@ class Game:
             raise ValueError(f"P + P.T must equal 1 (P[i,j] = P(y_i > y_j), P[j,i] = 1 - P[i,j]); "
                              f"got max |P + P.T - 1| = {err:.3g}. Symmetrise a learned P with "
                              "(P + 1 - P.T) / 2.")
-        total = mu.sum().item()
-        if mu.shape != (len(P),) or mu.min() <= 0 or abs(total - 1) > 1e-12:
+        if mu.shape != (len(P),) or mu.min() <= 0 or abs(mu.sum().item() - 1) > 1e-12:
             raise ValueError(f"mu must be a full-support distribution on the {len(P)} actions: "
                              f"{mu.tolist()}")
 
@@ -160,8 +159,7 @@ def random_game(n, seed=0):
     e = -torch.rand(n, generator=gen, dtype=F64).log()
     diagonal = torch.eye(n, dtype=F64) / 2
     P = U + (1 - U.T).tril(-1) + diagonal
-    labels = tuple(map(str, range(n)))
-    return Game("random", P, e / e.sum(), labels)
+    return Game("random", P, e / e.sum(), tuple(map(str, range(n))))
 
 
 # -------------------------------------------------------------------------------------------------
@@ -186,8 +184,7 @@ def inpo(P, log_mu, z, eta, tau, reward=None):
     + c with η' = η/(1 − ητ). With a fixed reward r in place of P(y ≻ π) it is BT-reward RLHF,
     which converges to μ e^{r/τ}: a transitive summary of P, not the NE."""
     payoff = win_rates(P, z.exp()) if reward is None else reward
-    pull = eta * tau * log_mu
-    return (1 - eta * tau) * z + pull + eta * payoff
+    return (1 - eta * tau) * z + eta * tau * log_mu + eta * payoff
 
 
 def expected_pg(z, a, lr):
@@ -414,11 +411,13 @@ def at(log_pi, y):
 
 
 def inpo_batch(P, gen, B, log_mu, eta, tau, logp, prev):
-    """INPO (eq. 8): a pair from the frozen π_t, ordered by the judge, in nano_nash.inpo_loss."""
+    """INPO (eq. 8): a pair from the frozen π_t, ordered by the judge's verdict, in
+    nano_nash.inpo_loss: y_w beat y_l, P(y_w ≻ y_l) = 1 (eq. 8 as printed)."""
     w, l = duel(P, prev, B, gen)
     loss, _ = inpo_loss(at(logp, w), at(logp, l),
                         at(prev, w), at(prev, l),
                         at(log_mu, w), at(log_mu, l),
+                        torch.ones(w.numel()),
                         eta=eta, tau=tau)
     return loss
 
@@ -448,8 +447,7 @@ def sppo_batch(P, gen, B, eta, logp, prev, k=8):
     y = draw(prev, B, gen)                                       # (K, B)
     rivals = draw(prev, k * B, gen)                              # (K, k·B)
     wins = judge(P, y.repeat(1, k), rivals, gen).to(F64)
-    win_rate = wins.view(len(P), k, B).mean(1)
-    win_rate = win_rate.flatten()
+    win_rate = wins.view(len(P), k, B).mean(1).flatten()
     loss, _ = sppo_loss(at(logp, y), at(prev, y), win_rate, eta=eta)
     return loss
 
@@ -522,8 +520,8 @@ def experiments(cfg, games):
         if s == 0:
             dynamics += sampled(P, mu, cfg)
         for d in dynamics:
-            dense = 0 if d.sampled else cfg.iters
-            its, pi, avg = run(d.step, mu.log(), d.T, dense)
+            # every t ≤ iters logged (the slow sampled runs: only log_iters(T))
+            its, pi, avg = run(d.step, mu.log(), d.T, 0 if d.sampled else cfg.iters)
             scored_on = P if d.P is None else d.P
             last = duality_gap(scored_on, pi, mu, d.tau)                  # (m, K)
             mean = duality_gap(scored_on, avg, mu, d.tau)

@@ -96,29 +96,34 @@ def _check(*xs):
         raise ValueError(f"expected per-sequence log-probs of one shape (B,), got {shapes}")
 
 
-def inpo_loss(logp_w, logp_l, prev_w, prev_l, ref_w, ref_l, *, eta, tau):
+def inpo_loss(logp, logp2, prev, prev2, ref, ref2, pref, *, eta, tau):
     """3. INPO, Zhang et al. 2024, eq. 8 (§4), with η a step size (the paper's η_I = 1/η; its
-    τ = η_I/3 is ητ = 1/3):
-        h    = [log π(y_w) − log π(y_l)] − ητ [log μ(y_w) − log μ(y_l)]
-               − (1 − ητ) [log π_t(y_w) − log π_t(y_l)]
-        loss = mean (h − η/2)²
-    The pair y, y' ~ π_t (both from the frozen previous iterate) is ordered by the judge:
-    (y_w, y_l) = (y, y') with probability P(y ≻ y'). Prop. 6: the minimiser is the mirror step
+    τ = η_I/3 is ητ = 1/3). A pair y, y' ~ π_t (both from the frozen previous iterate), judged
+    P = P(y ≻ y'):
+        h    = [log π(y) − log π(y')] − ητ [log μ(y) − log μ(y')]
+               − (1 − ητ) [log π_t(y) − log π_t(y')]
+        loss = mean (h − η (P − 1/2))² + η² P (1 − P)
+    Eq. 8 as printed orders the pair by a coin, (y_w, y_l) = (y, y') with probability P, and
+    takes (h(y_w, y_l) − η/2)². h is antisymmetric, so this loss is eq. 8's expectation over that
+    coin, exactly: the same loss and gradient in expectation, without the coin's noise (a verdict,
+    P = 1 or 0, gives eq. 8 itself). Prop. 6: the minimiser is the mirror step
         π_{t+1} ∝ π_t^{1−ητ} μ^{ητ} exp(η P(y ≻ π_t)) = π_t^{1−ητ} BR_τ(π_t)^{ητ}
     a move of ητ (in log space) toward BR_τ(π_t). Needs 0 ≤ ητ ≤ 1 (ητ = 1: online IPO;
-    τ = 0: MWU)."""
-    _check(logp_w, logp_l, prev_w, prev_l, ref_w, ref_l)
+    τ = 0: MWU). Stats: h and the margin log π(y_w) − log π(y_l), in expectation over the coin."""
+    _check(logp, logp2, prev, prev2, ref, ref2, pref)
     if not 0 <= eta * tau <= 1:
         raise ValueError(f"INPO needs 0 <= eta * tau <= 1, got eta={eta}, tau={tau}: the weight "
                          "1 - eta*tau on the previous iterate would be negative "
                          "(the paper uses eta * tau = 1/3)")
     r = eta * tau
-    margin = logp_w - logp_l
-    ref_margin = (ref_w - ref_l).detach()
-    prev_margin = (prev_w - prev_l).detach()
+    pref = pref.detach()
+    margin = logp - logp2
+    ref_margin = (ref - ref2).detach()
+    prev_margin = (prev - prev2).detach()
     h = margin - r * ref_margin - (1 - r) * prev_margin                     # (B,)
-    loss = ((h - eta / 2) ** 2).mean()
-    return loss, {"h": h.detach().mean(), "margin": margin.detach().mean()}
+    loss = ((h - eta * (pref - 0.5)) ** 2 + eta ** 2 * pref * (1 - pref)).mean()
+    sign = 2 * pref - 1                                 # E[h(y_w, y_l)] = (2P − 1) h(y, y')
+    return loss, {"h": (sign * h).detach().mean(), "margin": (sign * margin).detach().mean()}
 
 
 def pg_loss(logp, pref, logp_ref=None, *, tau=0.0):

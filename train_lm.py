@@ -199,7 +199,7 @@ def score(model, task, r, adapters, grad=False):
 
 def duel(pref, coins):
     """Rows of the winners and losers of pairs (i, i + S) in a [first; second] Rollout of 2S rows:
-    the first wins with probability P(first ≻ second) (INPO's λ_p)."""
+    the first wins with probability P(first ≻ second)."""
     i = torch.arange(len(pref), device=pref.device)
     win = coins < pref
     return torch.where(win, i, i + len(pref)), torch.where(win, i + len(pref), i)
@@ -215,17 +215,15 @@ def halves(r):
 # rng(*shape) gives uniforms (S, *shape) for these slots of the global batch.
 
 def step_inpo(model, task, cfg, k, rng):
-    """INPO (§4): y, y' ~ π_t (the frozen adapter "prev"), ordered by the judge (the base), square
-    loss."""
+    """INPO (§4): y, y' ~ π_t (the frozen adapter "prev"), judged by the base, square loss (in
+    expectation over eq. 8's coin: no winner is drawn)."""
     S = len(k)
     r = sample(model, task, cfg, k, "prev", rng(2, cfg.max_new_tokens))    # rows [y; y'] ~ π_t
     pref, st = task.judge(model, *halves(r), None, cfg.judge_both_orders)
-    w, l = duel(pref, rng())
-    pair = r.take(torch.cat([w, l]))                            # rows [y_w; y_l]
-    twice = pair.take(torch.arange(4 * S) % (2 * S))
+    twice = r.take(torch.arange(4 * S) % (2 * S))
     lp_prev, lp_ref = score(model, task, twice, ["prev"] * 2 * S + [None] * 2 * S).split(2 * S)
-    lp = score(model, task, pair, "policy", grad=True)          # (after: no graph held meanwhile)
-    loss, s = nano_nash.inpo_loss(*lp.split(S), *lp_prev.split(S), *lp_ref.split(S),
+    lp = score(model, task, r, "policy", grad=True)             # (after: no graph held meanwhile)
+    loss, s = nano_nash.inpo_loss(*lp.split(S), *lp_prev.split(S), *lp_ref.split(S), pref,
                                   eta=cfg.eta, tau=cfg.tau)
     kl = (lp - lp_ref).mean().detach()
     return loss, {**st, **s, "win": pref.mean(), "kl": kl, "ntok": r.resp.sum()}

@@ -36,16 +36,54 @@ def random_policy(n, seed):
 # each loss equals a slow, loop-based reference (python loops over the batch, plain math)
 
 def test_inpo_matches_loop_reference():
-    w, l, pw, pl, rw, rl = batch(0, 6)
+    y, y2, py, py2, ry, ry2 = batch(0, 6)
+    pref = torch.tensor([1.0, 0.0, 0.3, 0.5, 0.9], dtype=F64)
     tau, eta = 0.1, 3.0                                     # η is a step size: ητ = 0.3
-    loss, stats = NN.inpo_loss(w, l, pw, pl, rw, rl, eta=eta, tau=tau)
+    loss, stats = NN.inpo_loss(y, y2, py, py2, ry, ry2, pref, eta=eta, tau=tau)
     ref, h_mean = 0.0, 0.0
     for b in range(B):
-        r = eta * tau
-        h = (w[b] - l[b]).item() - r * (rw[b] - rl[b]).item() - (1 - r) * (pw[b] - pl[b]).item()
-        ref += (h - eta / 2) ** 2 / B
-        h_mean += h / B
+        r, p = eta * tau, pref[b].item()
+        h = (y[b] - y2[b]).item() - r * (ry[b] - ry2[b]).item() - (1 - r) * (py[b] - py2[b]).item()
+        ref += ((h - eta * (p - 0.5)) ** 2 + eta ** 2 * p * (1 - p)) / B
+        h_mean += (2 * p - 1) * h / B
     assert abs(loss.item() - ref) < 1e-12 and abs(stats["h"].item() - h_mean) < 1e-12
+
+
+def test_inpo_loss_is_eq8_in_expectation_over_its_coin():
+    """Eq. 8 orders each pair by a coin, (y_w, y_l) = (y, y') with probability P, and takes
+    (h(y_w, y_l) − η/2)². inpo_loss is its exact expectation over the coin, value and gradient;
+    with verdicts (P = 1 or 0) it is eq. 8 itself, bit for bit."""
+    x = batch(3, 6)
+    pref = torch.tensor([1.0, 0.0, 0.3, 0.5, 0.9], dtype=F64)
+    eta, tau = 3.0, 0.1
+
+    def eq8(order, p):       # the printed loss with the pair ordered as `order` says, per pair
+        y, y2, py, py2, ry, ry2 = (leaf(t) for t in x)
+        w, l, pw, pl, rw, rl = [torch.where(order, a, b) for a, b in
+                                ((y, y2), (y2, y), (py, py2), (py2, py), (ry, ry2), (ry2, ry))]
+        r = eta * tau
+        h = (w - l) - r * (rw - rl) - (1 - r) * (pw - pl)
+        ((p * (h - eta / 2) ** 2).mean()).backward()
+        return y.grad, y2.grad
+
+    ones = torch.ones(B, dtype=F64)
+    first = eq8(torch.ones(B, dtype=torch.bool), pref)          # (y, y'), weighed by P
+    second = eq8(torch.zeros(B, dtype=torch.bool), ones - pref)  # (y', y), weighed by 1 − P
+    y, y2 = leaf(x[0]), leaf(x[1])
+    loss, _ = NN.inpo_loss(y, y2, *x[2:], pref, eta=eta, tau=tau)
+    loss.backward()
+    assert torch.allclose(y.grad, first[0] + second[0], atol=1e-14)
+    assert torch.allclose(y2.grad, first[1] + second[1], atol=1e-14)
+    r = eta * tau
+    h = (x[0] - x[1]) - r * (x[4] - x[5]) - (1 - r) * (x[2] - x[3])
+    expected = (pref * (h - eta / 2) ** 2 + (1 - pref) * (-h - eta / 2) ** 2).mean()
+    assert abs(loss.item() - expected.item()) < 1e-12
+    verdict = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0], dtype=F64)    # a judge's verdicts
+    w, l, pw, pl, rw, rl = [torch.where(verdict > 0, a, b) for a, b in
+                            ((x[0], x[1]), (x[1], x[0]), (x[2], x[3]), (x[3], x[2]),
+                             (x[4], x[5]), (x[5], x[4]))]
+    printed = (((w - l) - r * (rw - rl) - (1 - r) * (pw - pl) - eta / 2) ** 2).mean()
+    assert NN.inpo_loss(*x, verdict, eta=eta, tau=tau)[0].item() == printed.item()
 
 
 def test_pg_loss_matches_loop_reference():
@@ -135,7 +173,7 @@ def test_gradient_signs():
     for margin, sign in [(0.0, 1), (10.0, -1)]:   # INPO: below target raise y_w, lower y_l; above:
         # reverse
         w, l = leaf(z + margin), leaf(z)
-        NN.inpo_loss(w, l, z, z, z, z, eta=3.0, tau=0.1)[0].backward()
+        NN.inpo_loss(w, l, z, z, z, z, z + 1, eta=3.0, tau=0.1)[0].backward()   # w beat l
         assert torch.all(sign * -w.grad > 0) and torch.all(sign * -l.grad < 0)
     for printed, sign in [(False, -1), (True, 1)]:  # LANA: §5.2 lowers log π(y_l), printed raises
         l = leaf(z)
@@ -155,19 +193,20 @@ def test_losses_detach_the_frozen_policies():
     one."""
     x = batch(6, 6)
     w, l, pw, pl, rw, rl = (leaf(t) for t in x)
-    NN.inpo_loss(w, l, pw, pl, rw, rl, eta=3.0, tau=0.1)[0].backward()
+    pref = leaf(x[0].exp())                                 # a judge's P, itself an LM's output
+    NN.inpo_loss(w, l, pw, pl, rw, rl, pref, eta=3.0, tau=0.1)[0].backward()
     NN.pg_loss(w, torch.full((B,), .7, dtype=F64), rw, tau=0.1)[0].backward()
     NN.dpo_loss(w, l, rw, rl, tau=0.1)[0].backward()
     NN.lana_loss(l, pw)[0].backward()
     NN.sppo_loss(w, pl, torch.full((B,), .7, dtype=F64), eta=1.0)[0].backward()
-    assert all(t.grad is None for t in (pw, pl, rw, rl))
+    assert all(t.grad is None for t in (pw, pl, rw, rl, pref))
     assert w.grad is not None and l.grad is not None
 
 
 def test_bad_inputs_raise():
     a = torch.zeros(3)
     with pytest.raises(ValueError, match=r"eta \* tau"):
-        NN.inpo_loss(a, a, a, a, a, a, eta=20.0, tau=0.1)               # ητ = 2 > 1
+        NN.inpo_loss(a, a, a, a, a, a, a, eta=20.0, tau=0.1)            # ητ = 2 > 1
     with pytest.raises(ValueError, match=r"\(B,\)"):
         NN.dpo_loss(a, torch.zeros(4), a, a, tau=0.1)
     with pytest.raises(ValueError, match=r"\(B,\)"):
@@ -210,9 +249,9 @@ def expected_step(pi, lr, terms):
 
 
 def test_inpo_population_minimiser_is_the_closed_form_step():
-    """INPO Prop. 6: the argmin of eq. 8 (exact expectation, minimised over a logit table) is
-    games.inpo's
-    step with step size η (INPO's η_I = 1/η)."""
+    """INPO Prop. 6: the argmin of the loss in expectation over y, y' ~ π_t (exact, by
+    enumeration; minimised over a logit table) is games.inpo's step with step size η (INPO's
+    η_I = 1/η)."""
     game, tau, eta = G.weighted_cycle(), 0.1, 3.0
     pi_t, lmu = random_policy(3, 0), game.mu.log()
     lp_t = pi_t.log()
@@ -220,12 +259,13 @@ def test_inpo_population_minimiser_is_the_closed_form_step():
     opt = torch.optim.LBFGS([z], lr=1, max_iter=200, tolerance_grad=1e-14, tolerance_change=1e-16,
                             line_search_fn="strong_wolfe")
 
-    def closure():
+    def closure():                  # y, y' ~ π_t, judged P(y ≻ y'): every pair, by its weight
         opt.zero_grad()
         lp = torch.log_softmax(z, 0)
-        loss = sum(p * NN.inpo_loss(lp[[w]], lp[[l]], lp_t[[w]], lp_t[[l]], lmu[[w]], lmu[[l]],
-                                    eta=eta, tau=tau)[0]
-                   for w, l, p in judged_pairs(pi_t, game.P))
+        loss = sum(pi_t[y] * pi_t[y2] * NN.inpo_loss(lp[[y]], lp[[y2]], lp_t[[y]], lp_t[[y2]],
+                                                     lmu[[y]], lmu[[y2]], game.P[[y], y2],
+                                                     eta=eta, tau=tau)[0]
+                   for y in range(3) for y2 in range(3))
         loss.backward()
         return loss
 
