@@ -330,7 +330,7 @@ ALGOS = {
         iterates=True,
         tiny=dict(lr=1e-3, adam_beta1=0.9),
         real=dict(tau=0.005 / 3, eta=200.0),
-        words=dict(eta=2.0),
+        words=dict(eta=2.0, max_steps=60),
     ),
     "nash_md_pg": Algo(
         label="Nash-MD-PG",

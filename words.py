@@ -12,8 +12,10 @@ Spock (games.rpsls, NE uniform). A response's move is its first word, case and p
 (move); any other answer is "no move", which loses to every move and ties with itself
 (with_no_move). The judge is this rule and the game's P, an oracle like the toy game's. Each
 prompt is a chat in which the user asked the same question before and the assistant answered
-with a move (few_shot): without these worked examples SmolLM2 plays in about 5% of its answers,
-with them in about half (README).
+with each move twice (few_shot): without these worked examples SmolLM2 plays in about 5% of its
+answers, with them in 78-94% (README). rps and elements answer in lower case, rpsls with
+capitals: with capitals the base rarely plays rock in rps, and in lower case it answers rpsls
+with the question's last word, rock, most of the time (README).
 
 The yardstick (WordsTask.measure). No enumeration of answers is possible, so at every logged step
 each trained adapter answers each game N_SAMPLES times at temperature 1 (the policy the theory is
@@ -44,12 +46,12 @@ from tasks import Rollout, turn_break
 
 WORDS = [  # (name, the question, its moves (lower case), the assistant's earlier answers, P)
     ("rps", "Rock, paper or scissors?", ("rock", "paper", "scissors"),
-     ("Scissors", "Rock"), games.rps().P),
+     ("scissors", "paper", "rock", "scissors", "rock", "paper"), games.rps().P),
     ("elements", "Water, fire or grass?", ("water", "fire", "grass"),
-     ("Grass", "Water", "Fire"), games.weighted_cycle().P),
+     ("fire", "grass", "water", "grass", "fire", "water"), games.weighted_cycle().P),
     ("rpsls", "Paper, lizard, Spock, scissors or rock?",
      ("rock", "paper", "scissors", "lizard", "spock"),
-     ("Rock", "Spock", "Scissors", "Lizard", "Paper"), games.rpsls().P),
+     ("Rock", "Spock", "Scissors", "Lizard", "Paper") * 2, games.rpsls().P),
 ]
 N_SAMPLES = 256     # answers per game and adapter at every logged step
 N_MU = 512          # answers per game of the base model, once (μ̂)
