@@ -18,8 +18,9 @@ the flags, the runs a command makes and the toy comparison's report in plan.py; 
 --judge_check (which a real run also prints at its start) in evaluate.py; --dry_run in memory.py;
 checkpoints, resume and torchrun in runs.py.
 Simplifications: one gradient step per batch; duel labels are sampled (y wins with probability
-P(y ≻ y'), INPO's λ_p); Phi-3's run samples at temperature 0.1 (LANA's setting), which the theory
-of INPO and Nash-MD-PG (y ~ π) does not cover (SmolLM2's samples at 1).
+P(y ≻ y'); INPO's loss takes P itself, eq. 8 in expectation over its coin); Phi-3's run
+samples at temperature 0.1 (LANA's setting), which the theory of INPO and Nash-MD-PG (y ~ π)
+does not cover (SmolLM2's samples at 1).
 """
 import cli
 
