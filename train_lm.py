@@ -321,6 +321,8 @@ class Algo(NamedTuple):
 # train_lm.py` converges in minutes on 2 CPU cores (SPPO: INPO's optimizer, η and iter_steps).
 # real: INPO's paper for its τ and η (App. B: η_I = 0.005, so η = 200; τ = η_I/3, so ητ = 1/3);
 # NLHF's τ for Nash-MD-PG; SPPO's paper (β = 0.001, so η = 1000).
+# words: the policy gradients at lr 5e-5 (3e-4 sent them to a corner); Nash-MD-PG at 1e-4
+# with 32 answers a game, which halves its gradient's variance (README).
 ALGOS = {
     "inpo": Algo(
         label="INPO",
@@ -341,7 +343,7 @@ ALGOS = {
         rows=(3, 1, 1),
         tiny=dict(lr=2e-4),
         real=dict(tau=0.008),
-        words=dict(lr=5e-5),
+        words=dict(lr=1e-4, samples=32),
     ),
     "lana": Algo(
         label="LANA",
